@@ -1,0 +1,20 @@
+"""geonn: deep learning for the geosciences, built around learned dynamics.
+
+The public surface: reference models and learned operators share the tendency signature
+``f(t, x) -> dx/dt``; :func:`integrate` runs any of them inside a (fixed or learnable)
+Runge-Kutta scheme with the gradient method as an argument; :func:`fit` trains a learned
+tendency on trajectories; :mod:`geonn.metrics` scores it.
+"""
+
+__version__ = "0.1.0"
+
+from .dynamics import Lorenz63, Lorenz96, simulate  # noqa: E402
+from .errors import ConfigError, GeonnError, InputError, InputTypeError, NonFiniteError, NotFittedError  # noqa: E402
+from .integrators import ButcherTableau, RungeKuttaStep, get_tableau, integrate, rollout  # noqa: E402
+from .operators import MLP, BilinearResidual, PeriodicConv1d, Standardised  # noqa: E402
+
+__all__ = [
+    "MLP", "BilinearResidual", "ButcherTableau", "ConfigError", "GeonnError", "InputError", "InputTypeError",
+    "Lorenz63", "Lorenz96", "NonFiniteError", "NotFittedError", "PeriodicConv1d", "RungeKuttaStep", "Standardised",
+    "__version__", "get_tableau", "integrate", "rollout", "simulate",
+]

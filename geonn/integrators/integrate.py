@@ -1,0 +1,264 @@
+"""Integrate a tendency ``f(t, x)`` over a fixed time grid with a chosen gradient method."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from ..errors import InputError, InputTypeError, NonFiniteError, describe
+from .step import RungeKuttaStep
+from .tableaux import ButcherTableau
+
+GRADIENTS = ("backprop", "checkpoint", "adjoint")
+_COMPILE_CHUNK = 10  # steps fused into one compiled call
+
+
+def rollout(f, x0: torch.Tensor, n_steps: int, dt: float, scheme="rk4", *, t0: float = 0.0, **kwargs) -> torch.Tensor:
+    """Integrate ``n_steps`` steps of size ``dt`` from ``x0``; see :func:`integrate` for the options.
+
+    Returns the trajectory of shape ``(n_steps + 1, *x0.shape)``, starting with ``x0``.
+    """
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
+        raise InputError(f"n_steps: expected an integer >= 0, got {describe(n_steps)}")
+    dt = _check_dt(dt)
+    times = t0 + dt * torch.arange(n_steps + 1, dtype=torch.float64)
+    return integrate(f, x0, times, scheme, **kwargs)
+
+
+def integrate(
+    f: Callable,
+    x0: torch.Tensor,
+    times,
+    scheme: str | ButcherTableau | RungeKuttaStep = "rk4",
+    *,
+    gradient: str = "backprop",
+    segments: int | None = None,
+    nonfinite: str = "raise",
+    compile: bool = False,
+) -> torch.Tensor:
+    """Integrate ``dx/dt = f(t, x)`` from ``x0`` over the grid ``times``, one scheme step per interval.
+
+    Args:
+        f: the tendency ``f(t, x) -> dx/dt``, ``x`` of shape ``(..., state_dim)``: a true model from
+            :mod:`geonn.dynamics` or a learned operator from :mod:`geonn.operators`.
+        x0: initial state, shape ``(..., state_dim)``, floating point, finite.
+        times: 1-D, strictly increasing grid of ``n_steps + 1`` times (model time units) whose first
+            entry is the time of ``x0``.
+        scheme: a tableau name, a :class:`ButcherTableau`, or a (possibly learnable)
+            :class:`RungeKuttaStep`.
+        gradient: how gradients flow back through the rollout:
+            ``"backprop"`` (the discrete adjoint: autograd through every stage; memory ~ n_steps),
+            ``"checkpoint"`` (store the state every ``segments`` steps and recompute inside a
+            segment on the backward pass; memory ~ sqrt(n_steps)), or
+            ``"adjoint"`` (the continuous adjoint: the adjoint ODE integrated backward on the same
+            grid by ``torchdiffeq.odeint_adjoint`` with the same tableau; memory flat in n_steps).
+        segments: number of checkpoint segments (default ``ceil(sqrt(n_steps))``).
+        nonfinite: ``"raise"`` (default) raises :class:`~geonn.errors.NonFiniteError` naming the first
+            step whose state is NaN or infinite; ``"keep"`` returns the trajectory as it is.
+        compile: fuse steps with ``torch.compile`` when no gradient is needed (fast long rollouts;
+            the first call compiles for a few seconds).
+
+    Returns:
+        The trajectory, shape ``(n_steps + 1, *x0.shape)``, with ``x0`` first.
+
+    Example:
+        >>> import torch, geonn
+        >>> x0 = torch.tensor([1.0, 1.0, 20.0], dtype=torch.float64)
+        >>> traj = geonn.integrate(geonn.Lorenz63(), x0, torch.linspace(0, 1, 101), "rk4")
+        >>> traj.shape
+        torch.Size([101, 3])
+    """
+    if not callable(f):
+        raise InputTypeError(f"f: expected a tendency f(t, x), got {describe(f)}")
+    step = scheme if isinstance(scheme, RungeKuttaStep) else RungeKuttaStep(scheme)
+    x0 = _check_state(f, x0)
+    times = _check_times(times)
+    if gradient not in GRADIENTS:
+        raise InputError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
+    if nonfinite not in ("raise", "keep"):
+        raise InputError(f"nonfinite: expected 'raise' or 'keep', got {nonfinite!r}")
+    n_steps = times.numel() - 1
+    if n_steps == 0:
+        return x0.unsqueeze(0).clone()
+
+    needs_grad = torch.is_grad_enabled() and (
+        x0.requires_grad or any(p.requires_grad for p in _parameters(f)) or any(p.requires_grad for p in step.parameters())
+    )
+    if not needs_grad:
+        traj = _integrate_no_grad(f, step, x0, times, compile)
+    elif gradient == "backprop":
+        traj = _integrate_backprop(f, step, x0, times, 0, n_steps)
+    elif gradient == "checkpoint":
+        traj = _integrate_checkpoint(f, step, x0, times, segments)
+    else:
+        from .adjoint import integrate_adjoint
+
+        traj = integrate_adjoint(f, step, x0, times)
+    if nonfinite == "raise":
+        check_finite(traj, times)
+    return traj
+
+
+def check_finite(traj: torch.Tensor, times: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteError` naming the first step of ``traj`` (time-first) that is not finite."""
+    with torch.no_grad():
+        finite = torch.isfinite(traj)
+        if bool(finite.all()):
+            return
+        bad_steps = (~finite.reshape(traj.shape[0], -1).all(dim=1)).nonzero()
+        k = int(bad_steps[0])
+    t = float(times[k])
+    raise NonFiniteError(
+        f"trajectory became non-finite (NaN or inf) at step {k} (t = {t:g}): the model diverged; "
+        "reduce dt, check the model, or pass nonfinite='keep' to get the trajectory anyway",
+        step=k,
+        time=t,
+    )
+
+
+# --- checks -------------------------------------------------------------------------------
+
+
+def _parameters(f):
+    return f.parameters() if isinstance(f, torch.nn.Module) else ()
+
+
+def _check_dt(dt) -> float:
+    if isinstance(dt, torch.Tensor):
+        if dt.numel() != 1:
+            raise InputError(f"dt: expected a positive scalar, got {describe(dt)}")
+        dt = float(dt)
+    if isinstance(dt, bool) or not isinstance(dt, (int, float)):
+        raise InputTypeError(f"dt: expected a positive number, got {describe(dt)}")
+    if not math.isfinite(dt) or dt <= 0:
+        raise InputError(f"dt: expected a positive finite step size, got {dt!r}")
+    return float(dt)
+
+
+def _check_state(f, x0) -> torch.Tensor:
+    if not isinstance(x0, torch.Tensor):
+        raise InputTypeError(f"x0: expected a torch.Tensor of shape (..., state_dim), got {describe(x0)}")
+    if not x0.is_floating_point():
+        raise InputTypeError(f"x0: expected a floating-point tensor, got dtype {x0.dtype}")
+    if x0.dim() == 0 or x0.shape[-1] == 0 or x0.numel() == 0:
+        raise InputError(f"x0: expected a non-empty state of shape (..., state_dim), got shape {tuple(x0.shape)}")
+    state_dim = getattr(f, "state_dim", None)
+    if state_dim is not None and x0.shape[-1] != state_dim:
+        raise InputError(
+            f"x0: expected last dimension {state_dim} (the state dimension of {type(f).__name__}), "
+            f"got shape {tuple(x0.shape)}"
+        )
+    with torch.no_grad():
+        if not bool(torch.isfinite(x0).all()):
+            raise InputError(f"x0: expected a finite initial state, got {int((~torch.isfinite(x0)).sum())} NaN or inf entries")
+    return x0
+
+
+def _check_times(times) -> torch.Tensor:
+    if isinstance(times, torch.Tensor):
+        t = times.detach().to(torch.float64)
+    elif isinstance(times, Sequence) or hasattr(times, "__array__"):
+        try:
+            t = torch.as_tensor(times, dtype=torch.float64)
+        except (TypeError, ValueError) as err:
+            raise InputTypeError(f"times: expected a 1-D sequence of numbers, got {describe(times)}") from err
+    else:
+        raise InputTypeError(f"times: expected a 1-D tensor of increasing times, got {describe(times)}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise InputError(f"times: expected a non-empty 1-D grid, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise InputError("times: expected finite times, got NaN or inf")
+    steps = torch.diff(t)
+    if steps.numel() and not bool((steps > 0).all()):
+        k = int((steps <= 0).nonzero()[0])
+        raise InputError(
+            f"times: expected a strictly increasing grid (every dt > 0), got dt = {float(steps[k]):g} "
+            f"between times[{k}] = {float(t[k]):g} and times[{k + 1}] = {float(t[k + 1]):g}"
+        )
+    return t
+
+
+# --- gradient methods ---------------------------------------------------------------------------
+
+
+def _grid(times: torch.Tensor, dtype) -> tuple[list, list[float]]:
+    """Times as 0-d tensors in the state dtype, and step sizes as Python floats."""
+    t_list = list(times.to(dtype).unbind())
+    values = times.tolist()
+    dts = [b - a for a, b in zip(values[:-1], values[1:])]
+    return t_list, dts
+
+
+def _integrate_backprop(f, step, x0, times, start: int, stop: int) -> torch.Tensor:
+    """Steps ``start .. stop-1`` with autograd recording everything; returns states ``start+1 .. stop``
+    stacked after ``x0`` (so shape ``(stop - start + 1, ...)``)."""
+    t_list, dts = _grid(times, x0.dtype)
+    states = [x0]
+    x = x0
+    for i in range(start, stop):
+        x = step(f, t_list[i], x, dts[i])
+        states.append(x)
+    return torch.stack(states)
+
+
+def _integrate_checkpoint(f, step, x0, times, segments) -> torch.Tensor:
+    n_steps = times.numel() - 1
+    if segments is None:
+        segments = max(1, math.ceil(math.sqrt(n_steps)))
+    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+        raise InputError(f"segments: expected an integer >= 1, got {describe(segments)}")
+    bounds = [round(k * n_steps / segments) for k in range(segments + 1)]
+    pieces = [x0.unsqueeze(0)]
+    x = x0
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop == start:
+            continue
+        seg = _checkpoint(_integrate_backprop, f, step, x, times, start, stop, use_reentrant=False)
+        pieces.append(seg[1:])
+        x = seg[-1]
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def _integrate_no_grad(f, step, x0, times, compile: bool) -> torch.Tensor:
+    n_steps = times.numel() - 1
+    t_list, dts = _grid(times, x0.dtype)
+    out = torch.empty((n_steps + 1, *x0.shape), dtype=x0.dtype, device=x0.device)
+    out[0] = x0
+    x = x0
+    i = 0
+    if compile and n_steps >= _COMPILE_CHUNK and _uniform(dts):
+        chunk = _compiled_chunk()
+        h = dts[0]
+        while i + _COMPILE_CHUNK <= n_steps:
+            x = chunk(f, step, t_list[i], x, h, out[i + 1 : i + 1 + _COMPILE_CHUNK])
+            i += _COMPILE_CHUNK
+    while i < n_steps:
+        x = step(f, t_list[i], x, dts[i])
+        out[i + 1] = x
+        i += 1
+    return out
+
+
+def _uniform(dts: list[float]) -> bool:
+    return max(dts) - min(dts) <= 1e-12 * max(abs(dts[0]), 1.0)
+
+
+def _chunk(f, step, t, x, h: float, out):
+    for k in range(out.shape[0]):
+        x = step(f, t + k * h, x, h)
+        out[k].copy_(x)
+    return x
+
+
+_COMPILED = None
+
+
+def _compiled_chunk():
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_chunk, dynamic=False)
+    return _COMPILED

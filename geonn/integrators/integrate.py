@@ -80,6 +80,8 @@ def integrate(
         raise InputError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
     if nonfinite not in ("raise", "keep"):
         raise InputError(f"nonfinite: expected 'raise' or 'keep', got {nonfinite!r}")
+    if segments is not None and (isinstance(segments, bool) or not isinstance(segments, int) or segments < 1):
+        raise InputError(f"segments: expected an integer >= 1 or None, got {describe(segments)}")
     n_steps = times.numel() - 1
     if n_steps == 0:
         return x0.unsqueeze(0).clone()

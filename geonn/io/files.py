@@ -57,6 +57,12 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message, or its type name when the message is empty (a bare EOFError)."""
+    lines = str(err).splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint with ``weights_only=True``: a file that would run code is refused.
 
@@ -71,10 +77,10 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     except pickle.UnpicklingError as err:
         raise InputError(
             f"checkpoint {str(path)!r}: refused, it holds objects other than tensors and plain data "
-            f"(a file crafted to run code is refused this way): {str(err).splitlines()[0]}"
+            f"(a file crafted to run code is refused this way): {_first_line(err)}"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
-        raise InputError(f"checkpoint {str(path)!r}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+        raise InputError(f"checkpoint {str(path)!r}: not a readable torch checkpoint ({_first_line(err)})") from None
     if not isinstance(state, dict):
         raise InputError(f"checkpoint {str(path)!r}: expected a dict of state, got {type(state).__name__}")
     return state

@@ -1,0 +1,97 @@
+"""Case studies: find a case file, load it strictly, run it into one output folder.
+
+A case file in ``cases/`` is TOML; its ``kind`` picks the runner. Every run writes
+``config.toml`` (the resolved config), netCDF outputs, ``figures/*.png`` and, last,
+``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..io import write_json, write_text
+from .config import apply_overrides, build, read_toml, to_toml
+from .identification import IdentificationCase, check_expected, run_identification
+
+KINDS = {"identification": (IdentificationCase, run_identification)}
+
+
+def case_dirs() -> list[Path]:
+    """Folders searched for case files: ``./cases``, the installed package's, and the source tree's."""
+    here = Path(__file__).resolve().parent.parent
+    dirs = [Path.cwd() / "cases", here / "_cases", here.parent / "cases"]
+    seen, unique = set(), []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            unique.append(d)
+    return unique
+
+
+def list_cases() -> dict[str, Path]:
+    """Case name -> file, first folder wins."""
+    found: dict[str, Path] = {}
+    for d in case_dirs():
+        for path in sorted(d.glob("*.toml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def find_case(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        return path
+    cases = list_cases()
+    if name_or_path in cases:
+        return cases[name_or_path]
+    raise ConfigError(f"case: no case named {name_or_path!r}; expected one of {sorted(cases)} or a path to a .toml file")
+
+
+def load_case(name_or_path: str, overrides: list[str] | None = None):
+    """Load a case file (by name or path) with ``--set`` overrides into its typed config."""
+    path = find_case(name_or_path)
+    data = apply_overrides(read_toml(path), overrides or [])
+    kind = data.get("kind", "identification")
+    if kind not in KINDS:
+        raise ConfigError(f"kind: expected one of {sorted(KINDS)}, got {kind!r} (in {path})")
+    data.setdefault("name", path.stem)
+    return build(KINDS[kind][0], data)
+
+
+def prepare_output(out: Path, config_text: str, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to mix outputs: ``out`` must be empty, or ``overwrite``, or ``resume`` of the same config."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {str(out)!r} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        saved = out / "config.toml"
+        if resume:
+            if saved.is_file() and saved.read_text(encoding="utf-8") != config_text:
+                raise ConfigError(f"--resume: {str(out)!r} holds outputs of a different config (compare its config.toml)")
+        elif overwrite:
+            shutil.rmtree(out)
+        else:
+            raise ConfigError(
+                f"--out: {str(out)!r} already holds outputs; pass --overwrite to replace them or --resume to continue"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_case(case, out: str | Path, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+    """Run a loaded case into ``out``; returns its metrics (also written to ``out/metrics.json``)."""
+    out = Path(out)
+    text = to_toml(case)
+    prepare_output(out, text, overwrite=overwrite, resume=resume)
+    write_text(out / "config.toml", text)
+    metrics = KINDS[case.kind][1](case, out, resume=resume, progress=progress)
+    write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def read_metrics(out: str | Path) -> dict:
+    return json.loads((Path(out) / "metrics.json").read_text())
+
+
+__all__ = ["KINDS", "check_expected", "find_case", "list_cases", "load_case", "read_metrics", "run_case"]

@@ -1,0 +1,28 @@
+"""Data assimilation: observation operators, twin experiments, ensemble Kalman filters, scores.
+
+Every method is a dataclass of its hyperparameters with one ``assimilate(model, observations, dt,
+...)``; forecasts integrate the whole ensemble as one tensor with :func:`geonn.rollout`. See
+docs/assimilation.md for the observation file format and the equations.
+"""
+
+from .ensemble import (
+    ETKF,
+    LETKF,
+    EnKF,
+    EnKFN,
+    FilterResult,
+    enkf_n_dual_cost,
+    enkf_n_inflation,
+    mean_preserving_rotation,
+    sqrt_update,
+)
+from .localisation import gaspari_cohn, ring_distance
+from .observations import Function, Linear, ObservationError, ObservationOperator, Observations, Schedule, Subset
+from .scores import rmse_time_mean
+from .twin import read_observations, twin_experiment
+
+__all__ = [
+    "ETKF", "LETKF", "EnKF", "EnKFN", "FilterResult", "Function", "Linear", "ObservationError", "ObservationOperator",
+    "Observations", "Schedule", "Subset", "enkf_n_dual_cost", "enkf_n_inflation", "gaspari_cohn",
+    "mean_preserving_rotation", "read_observations", "ring_distance", "rmse_time_mean", "sqrt_update", "twin_experiment",
+]

@@ -21,6 +21,7 @@ class Dynamics(nn.Module):
 
     name: str = "dynamics"
     state_dim: int
+    autonomous = True  # f does not depend on t
 
     def component_names(self) -> list[str]:
         return [f"x{i}" for i in range(self.state_dim)]

@@ -30,14 +30,19 @@ def torchdiffeq_method(tableau: ButcherTableau) -> str:
         b, c = list(tableau.b), list(tableau.c)
 
         def _step_func(self, func, t0, dt, t1, y0):
+            # the same arithmetic as RungeKuttaStep._fixed_step, term for term
             ks = []
             for row, ci in zip(a, c):
                 yi = y0
                 for aij, kj in zip(row, ks):
                     if aij != 0.0:
                         yi = yi + (dt * aij) * kj
-                ks.append(func(t0 + ci * dt, yi))
-            increment = sum(bi * ki for bi, ki in zip(b, ks) if bi != 0.0)
+                ks.append(func(t0 if ci == 0.0 else t0 + ci * dt, yi))
+            increment = None
+            for bi, ki in zip(b, ks):
+                if bi != 0.0:
+                    term = bi * ki
+                    increment = term if increment is None else increment + term
             return dt * increment, ks[0]
 
         solvers[name] = type(f"GeonnFixedGrid_{tableau.name}", (FixedGridODESolver,), {"order": tableau.order, "_step_func": _step_func})

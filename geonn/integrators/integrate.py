@@ -6,7 +6,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..errors import InputError, InputTypeError, NonFiniteError, describe
 from .step import RungeKuttaStep
@@ -51,8 +50,8 @@ def integrate(
             :class:`RungeKuttaStep`.
         gradient: how gradients flow back through the rollout:
             ``"backprop"`` (the discrete adjoint: autograd through every stage; memory ~ n_steps),
-            ``"checkpoint"`` (store the state every ``segments`` steps and recompute inside a
-            segment on the backward pass; memory ~ sqrt(n_steps)), or
+            ``"checkpoint"`` (keep only the first state of each of ``segments`` segments and
+            recompute each segment on the backward pass; memory ~ sqrt(n_steps)), or
             ``"adjoint"`` (the continuous adjoint: the adjoint ODE integrated backward on the same
             grid by ``torchdiffeq.odeint_adjoint`` with the same tableau; memory flat in n_steps).
         segments: number of checkpoint segments (default ``ceil(sqrt(n_steps))``).
@@ -195,31 +194,60 @@ def _grid(times: torch.Tensor, dtype) -> tuple[list, list[float]]:
 
 
 def _integrate_backprop(f, step, x0, times, start: int, stop: int) -> torch.Tensor:
-    """Steps ``start .. stop-1`` with autograd recording everything; returns states ``start+1 .. stop``
-    stacked after ``x0`` (so shape ``(stop - start + 1, ...)``)."""
-    t_list, dts = _grid(times, x0.dtype)
+    """Steps ``start .. stop-1`` with autograd recording everything; returns the states at
+    ``times[start] .. times[stop]`` (shape ``(stop - start + 1, ...)``, ``x0`` first)."""
+    t_list, dts = _grid(times[start : stop + 1], x0.dtype)
     states = [x0]
     x = x0
-    for i in range(start, stop):
-        x = step(f, t_list[i], x, dts[i])
+    for t, dt in zip(t_list, dts):
+        x = step(f, t, x, dt)
         states.append(x)
     return torch.stack(states)
+
+
+class _Segment(torch.autograd.Function):
+    """A checkpointed segment: the forward pass keeps only its first state; the backward pass
+    recomputes the segment with autograd and returns the vector-Jacobian products.
+
+    (torch.utils.checkpoint's non-reentrant mode keeps every node's bookkeeping alive until the
+    backward pass, so its memory still grows linearly in n; this keeps ~sqrt(n).)
+    """
+
+    @staticmethod
+    def forward(ctx, f, step, times, start, stop, x, *params):
+        ctx.run = (f, step, times, start, stop)
+        ctx.save_for_backward(x, *params)
+        with torch.no_grad():
+            return _integrate_backprop(f, step, x, times, start, stop)[1:]
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        f, step, times, start, stop = ctx.run
+        x, *params = ctx.saved_tensors
+        x = x.detach().requires_grad_(ctx.needs_input_grad[5])
+        with torch.enable_grad():
+            states = _integrate_backprop(f, step, x, times, start, stop)[1:]
+        inputs = [x] if x.requires_grad else []
+        inputs += params
+        grads = torch.autograd.grad(states, inputs, grad_states, allow_unused=True)
+        grad_x = grads[0] if x.requires_grad else None
+        grad_params = grads[1:] if x.requires_grad else grads
+        return (None, None, None, None, None, grad_x, *grad_params)
 
 
 def _integrate_checkpoint(f, step, x0, times, segments) -> torch.Tensor:
     n_steps = times.numel() - 1
     if segments is None:
         segments = max(1, math.ceil(math.sqrt(n_steps)))
-    if isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
-        raise InputError(f"segments: expected an integer >= 1, got {describe(segments)}")
     bounds = [round(k * n_steps / segments) for k in range(segments + 1)]
+    params = [p for p in [*_parameters(f), *step.parameters()] if p.requires_grad]
     pieces = [x0.unsqueeze(0)]
     x = x0
     for start, stop in zip(bounds[:-1], bounds[1:]):
         if stop == start:
             continue
-        seg = _checkpoint(_integrate_backprop, f, step, x, times, start, stop, use_reentrant=False)
-        pieces.append(seg[1:])
+        seg = _Segment.apply(f, step, times, start, stop, x, *params)
+        pieces.append(seg)
         x = seg[-1]
     return torch.cat(pieces)
 
@@ -262,5 +290,7 @@ _COMPILED = None
 def _compiled_chunk():
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = torch.compile(_chunk, dynamic=False)
+        # One thread: the fused loops are far too small to split, and OpenMP regions on a busy
+        # machine wait for descheduled threads (measured 10-80x slower with 2 threads).
+        _COMPILED = torch.compile(_chunk, dynamic=False, options={"cpp.threads": 1})
     return _COMPILED

@@ -22,6 +22,8 @@ class RungeKuttaStep(nn.Module):
 
     Call: ``step(f, t, x, dt) -> x_next`` with ``f(t, x) -> dx/dt``, ``x`` of shape
     ``(..., state_dim)``, ``t`` a float or 0-d tensor (model time units) and ``dt`` the step size.
+    A tendency with the attribute ``autonomous = True`` (the Lorenz models and geonn's operators)
+    gets ``t`` unchanged at every stage, which saves the stage-time arithmetic.
 
     Example:
         >>> import torch, geonn
@@ -69,13 +71,16 @@ class RungeKuttaStep(nn.Module):
         return self._fixed_step(f, t, x, h)
 
     def _fixed_step(self, f, t, x, h):
+        # Separate multiplies and adds (not torch.add with alpha, which may fuse into an FMA and
+        # round differently), so a learnable step at initialisation equals this bit for bit.
+        autonomous = getattr(f, "autonomous", False)
         ks = []
-        for i, (row, ci) in enumerate(zip(self._a, self._c)):
+        for row, ci in zip(self._a, self._c):
             xi = x
             for aij, kj in zip(row, ks):
                 if aij != 0.0:
                     xi = xi + (h * aij) * kj
-            ti = t if ci == 0.0 else t + ci * h
+            ti = t if (ci == 0.0 or autonomous) else t + ci * h
             ks.append(f(ti, xi))
         increment = None
         for bi, ki in zip(self._b, ks):

@@ -26,6 +26,7 @@ class Operator(nn.Module):
     """Base of learned tendencies: checks the state's last dimension."""
 
     state_dim: int | None = None
+    autonomous = True  # f does not depend on t
 
     def _check(self, x: torch.Tensor) -> None:
         if self.state_dim is not None and x.shape[-1] != self.state_dim:
@@ -134,6 +135,7 @@ class Standardised(nn.Module):
         super().__init__()
         self.operator = operator
         self.state_dim = getattr(operator, "state_dim", None)
+        self.autonomous = getattr(operator, "autonomous", False)
         self.register_buffer("mean", torch.as_tensor(mean).clone())
         self.register_buffer("scale", torch.as_tensor(scale).clone())
         self.register_buffer("tendency_scale", torch.as_tensor(tendency_scale).clone())

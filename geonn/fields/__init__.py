@@ -1,5 +1,19 @@
-"""The boundary between labelled data (xarray) and tensors; the rest of geonn works on tensors."""
+"""The boundary between labelled data (xarray) and tensors; the rest of geonn works on tensors.
 
+Trajectories ``(time, [member,] component)`` and gridded fields ``(time, channel, lat, lon)``
+with a validity mask; the field helpers beside them (normalisation, area weights, the
+time-ordered split, lazy batches, area-weighted scores) work on those tensors.
+"""
+
+from .grid import Grid, find_grid
+from .normalise import Normaliser, calendar_groups
+from .scores import explained_variance, weighted_rmse
+from .split import FieldBatch, FieldBatches, TimeSplit, time_split
+from .tensors import area_weights, field_array, from_tensor, to_tensor
 from .trajectories import dataset_to_trajectory, trajectory_to_dataset
 
-__all__ = ["dataset_to_trajectory", "trajectory_to_dataset"]
+__all__ = [
+    "FieldBatch", "FieldBatches", "Grid", "Normaliser", "TimeSplit", "area_weights", "calendar_groups",
+    "dataset_to_trajectory", "explained_variance", "field_array", "find_grid", "from_tensor", "time_split",
+    "to_tensor", "trajectory_to_dataset", "weighted_rmse",
+]

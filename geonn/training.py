@@ -42,9 +42,9 @@ class TrainConfig:
         unroll: steps in the rollout loss (1 = one-step loss).
         gradient: ``"backprop"``, ``"checkpoint"`` or ``"adjoint"`` (see :func:`geonn.integrate`).
         refine: a full-batch refinement after Adam: ``"none"``, ``"lbfgs"`` (any model size) or
-            ``"lm"`` (Levenberg-Marquardt on the residuals, scipy's MINPACK; for models of up to a
-            few hundred parameters, where it converges to machine precision if the model can
-            represent the data exactly).
+            ``"lm"`` (Levenberg-Marquardt on the residuals; for models of up to a few hundred
+            parameters, where it converges to machine precision if the model can represent the
+            data exactly).
         refine_epochs: refinement epochs (each one checkpointed).
         refine_iterations: L-BFGS iterations, or LM function evaluations, per refinement epoch.
         seed: seeds the batch order.
@@ -276,14 +276,16 @@ class _Rollout(nn.Module):
 
 
 def _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, max_evaluations: int) -> None:
-    """Minimise the full-batch rollout residuals with scipy's Levenberg-Marquardt (MINPACK).
+    """Minimise the full-batch rollout residuals by Levenberg-Marquardt (more1978), in torch.
 
     The Jacobian of the residuals w.r.t. the trainable parameters is built per sample with
-    ``vmap(jacrev)``; its size is (samples x unroll x state_dim) x n_params.
+    ``vmap(jacrev)`` (size (samples x unroll x state_dim) x n_params); each trial step solves the
+    damped least-squares problem ``[J; sqrt(lambda) D] delta = [-r; 0]`` by Householder QR, which
+    stays accurate when J is rank deficient (the bilinear network has continuous weight
+    symmetries). Deterministic, so a resumed refinement repeats bit for bit. (scipy's MINPACK
+    wrapper reads past its Jacobian buffer for rank-deficient problems, and LAPACK's gelsy behind
+    ``torch.linalg.lstsq`` is not repeatable on them either.)
     """
-    import numpy as np
-    from scipy.optimize import least_squares
-
     wrapper = _Rollout(model, step, targets.shape[1], dt)
     named = [(n, p) for n, p in wrapper.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
@@ -292,28 +294,51 @@ def _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, max_evalu
     fixed = {n: p for n, p in wrapper.named_parameters() if not p.requires_grad}
     fixed.update(dict(wrapper.named_buffers()))
     n_residuals = targets.numel()
-    if sum(sizes) > n_residuals:
-        raise InputError(f"refine: 'lm' needs at least as many residuals ({n_residuals}) as parameters ({sum(sizes)}); use 'lbfgs'")
+    n_params = sum(sizes)
+    if n_params > n_residuals:
+        raise InputError(f"refine: 'lm' needs at least as many residuals ({n_residuals}) as parameters ({n_params}); use 'lbfgs'")
 
     def residual_one(theta, x0, target):
         params = {n: c.reshape(s) for n, c, s in zip(names, torch.split(theta, sizes), shapes)}
         pred = torch.func.functional_call(wrapper, (params, fixed), (x0,))
         return ((pred - target) / loss_scale).reshape(-1)
 
-    residuals = torch.func.vmap(residual_one, in_dims=(None, 0, 0))
+    batched = torch.func.vmap(residual_one, in_dims=(None, 0, 0))
     jacobian = torch.func.vmap(torch.func.jacrev(residual_one), in_dims=(None, 0, 0))
-    scale = math.sqrt(n_residuals)  # so that the LM cost is the mean squared error / 2
 
-    def fun(theta):
+    def residuals(theta):
         with torch.no_grad():
-            return (residuals(torch.as_tensor(theta), starts, targets) / scale).reshape(-1).numpy()
+            return batched(theta, starts, targets).reshape(-1)
 
-    def jac(theta):
-        return (jacobian(torch.as_tensor(theta), starts, targets) / scale).reshape(n_residuals, -1).detach().numpy()
-
-    theta0 = torch.cat([p.detach().reshape(-1) for _, p in named]).to(torch.float64).numpy()
-    solution = least_squares(fun, theta0, jac=jac, method="lm", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=max_evaluations)
-    theta = torch.as_tensor(np.asarray(solution.x))
+    theta = torch.cat([p.detach().reshape(-1) for _, p in named]).to(torch.float64)
+    r = residuals(theta)
+    cost = float(r @ r)
+    damping = 1e-3
+    evaluations = 1
+    while evaluations < max_evaluations and cost > 0.0:
+        jac = jacobian(theta, starts, targets).reshape(n_residuals, n_params).detach().to(torch.float64)
+        scale = jac.pow(2).sum(0).clamp_min(1e-30).sqrt()  # Marquardt's diagonal scaling
+        improved = False
+        while evaluations < max_evaluations:
+            augmented = torch.cat((jac, math.sqrt(damping) * torch.diag(scale)))
+            rhs = torch.cat((-r, torch.zeros(n_params, dtype=r.dtype)))
+            q, upper = torch.linalg.qr(augmented)  # Householder QR: repeatable bit for bit (lstsq's gelsy is not, here)
+            delta = torch.linalg.solve_triangular(upper, (q.T @ rhs).unsqueeze(-1), upper=True).squeeze(-1)
+            trial = theta + delta
+            r_trial = residuals(trial)
+            evaluations += 1
+            cost_trial = float(r_trial @ r_trial)
+            if math.isfinite(cost_trial) and cost_trial < cost:
+                relative_gain = (cost - cost_trial) / cost
+                theta, r, cost = trial, r_trial, cost_trial
+                damping = max(damping / 3.0, 1e-12)
+                improved = True
+                break
+            damping *= 4.0
+            if damping > 1e12:
+                break
+        if not improved or relative_gain < 1e-14:
+            break
     with torch.no_grad():
         for (_, p), chunk, shape in zip(named, torch.split(theta, sizes), shapes):
             p.copy_(chunk.reshape(shape).to(p.dtype))

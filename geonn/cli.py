@@ -1,4 +1,5 @@
-"""The ``geonn`` command: ``geonn case NAME`` runs a case study into one output folder."""
+"""The ``geonn`` command: ``geonn case NAME`` runs a case study into one output folder;
+``geonn assimilate OBS.nc --model M --method X --out DIR`` assimilates an observation file."""
 
 from __future__ import annotations
 
@@ -33,6 +34,22 @@ def _case_command(args) -> int:
     return 0
 
 
+def _assimilate_command(args) -> int:
+    from .assimilation.command import AssimilateSettings, assimilate
+
+    settings = AssimilateSettings(
+        observations=args.observations, model=args.model, method=args.method, out=args.out, members=args.members,
+        inflation=args.inflation, lag=args.lag, radius=args.radius, dt=args.dt, truth=args.truth, burn_in=args.burn_in,
+        seed=args.seed, background_scale=args.background_scale, overwrite=args.overwrite,
+    )
+    metrics = assimilate(settings)
+    print(f"assimilate {args.method}: outputs in {args.out}/")
+    for key in sorted(metrics):
+        value = metrics[key]
+        print(f"  {key:22s} {value:.4g}" if isinstance(value, float) else f"  {key:22s} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geonn", description="Deep learning for the geosciences.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
     case.add_argument("--quiet", action="store_true", help="no progress bar")
     case.set_defaults(func=_case_command)
+
+    from .assimilation.command import METHODS
+
+    da = sub.add_parser("assimilate", help="assimilate an observation file with a reference or learned model")
+    da.add_argument("observations", metavar="OBS.nc", help="observation file (format: docs/assimilation.md)")
+    da.add_argument("--model", required=True, metavar="MODEL",
+                    help="lorenz63, lorenz96, or a geonn case run folder (or its checkpoints/checkpoint.pt)")
+    da.add_argument("--method", required=True, choices=METHODS, help="the assimilation method")
+    da.add_argument("--out", required=True, metavar="DIR", help="output folder (written whole at the end, or not at all)")
+    da.add_argument("--members", type=int, help="ensemble size (ensemble methods; default 20)")
+    da.add_argument("--inflation", type=float, help="multiplicative inflation (default 1: none)")
+    da.add_argument("--lag", type=int, help="smoother lag / window length in observation cycles (enks, ienks, 4dvar)")
+    da.add_argument("--radius", type=float, help="Gaspari-Cohn localisation half-width in grid units (letkf)")
+    da.add_argument("--dt", type=float, help="model step (default: the file's dt attribute)")
+    da.add_argument("--truth", metavar="TRUTH.nc", help="netCDF with truth(time, component) (or state) to score against")
+    da.add_argument("--burn-in", type=float, default=0.0, metavar="T",
+                    help="leave observation times <= T (model time units) out of the scores")
+    da.add_argument("--seed", type=int, help="seed of the initial ensemble and the method's random draws")
+    da.add_argument("--background-scale", type=float, metavar="XB",
+                    help="3dvar/4dvar: B = XB x the model's climatological covariance (DAPPER's xB; default 1)")
+    da.add_argument("--overwrite", action="store_true", help="replace the outputs already in --out")
+    da.set_defaults(func=_assimilate_command)
     return parser
 
 

@@ -19,10 +19,14 @@ from .ensemble import (
 from .localisation import gaspari_cohn, ring_distance
 from .observations import Function, Linear, ObservationError, ObservationOperator, Observations, Schedule, Subset
 from .scores import rmse_time_mean
+from .smoothers import EnKS, IEnKS, SmootherResult
 from .twin import read_observations, twin_experiment
+from .variational import Var3D, Var4D, VariationalResult, WeakVar4D, climatology
 
 __all__ = [
     "ETKF", "LETKF", "EnKF", "EnKFN", "FilterResult", "Function", "Linear", "ObservationError", "ObservationOperator",
     "Observations", "Schedule", "Subset", "enkf_n_dual_cost", "enkf_n_inflation", "gaspari_cohn",
     "mean_preserving_rotation", "read_observations", "ring_distance", "rmse_time_mean", "sqrt_update", "twin_experiment",
+    "EnKS", "IEnKS", "SmootherResult",
+    "Var3D", "Var4D", "VariationalResult", "WeakVar4D", "climatology",
 ]

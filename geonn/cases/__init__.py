@@ -13,10 +13,19 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..io import write_json, write_text
+from .assimilation import AssimilationCase, run_assimilation
+from .assimilation import check_expected as _check_assimilation
 from .config import apply_overrides, build, read_toml, to_toml
-from .identification import IdentificationCase, check_expected, run_identification
+from .identification import IdentificationCase, run_identification
+from .identification import check_expected as _check_identification
 
-KINDS = {"identification": (IdentificationCase, run_identification)}
+KINDS = {"identification": (IdentificationCase, run_identification), "assimilation": (AssimilationCase, run_assimilation)}
+_CHECKS = {"identification": _check_identification, "assimilation": _check_assimilation}
+
+
+def check_expected(case, metrics: dict) -> list[tuple[str, float, float, bool]]:
+    """Compare metrics with the case's recorded targets: rows of (name, value, bound, met)."""
+    return _CHECKS[case.kind](case, metrics)
 
 
 def case_dirs() -> list[Path]:

@@ -8,10 +8,10 @@ tendency on trajectories; :mod:`geonn.metrics` scores it.
 
 __version__ = "0.1.0"
 
-from .dynamics import Lorenz63, Lorenz96, simulate  # noqa: E402
-from .errors import ConfigError, GeonnError, InputError, InputTypeError, NonFiniteError, NotFittedError  # noqa: E402
-from .integrators import ButcherTableau, RungeKuttaStep, get_tableau, integrate, rollout  # noqa: E402
-from .operators import MLP, BilinearResidual, PeriodicConv1d, Standardised  # noqa: E402
+from .dynamics import Lorenz63, Lorenz96, simulate
+from .errors import ConfigError, GeonnError, InputError, InputTypeError, NonFiniteError, NotFittedError
+from .integrators import ButcherTableau, RungeKuttaStep, get_tableau, integrate, rollout
+from .operators import MLP, BilinearResidual, PeriodicConv1d, Standardised
 
 __all__ = [
     "MLP", "BilinearResidual", "ButcherTableau", "ConfigError", "GeonnError", "InputError", "InputTypeError",

@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .io import write_figure  # noqa: E402
+from .io import write_figure
 
 
 def attractor(truth: np.ndarray, learned: np.ndarray, path: Path, labels=("x", "y", "z")) -> Path:

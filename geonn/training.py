@@ -153,7 +153,6 @@ def fit(
     if loss_scale is None:
         loss_scale = trajectory.reshape(-1, trajectory.shape[-1]).std(dim=0)
     loss_scale = torch.as_tensor(loss_scale, dtype=trajectory.dtype)
-    times = dt * torch.arange(config.unroll + 1, dtype=torch.float64)
 
     def batch_loss(idx):
         x0 = starts[idx]
@@ -216,7 +215,7 @@ def fit(
                 everything = torch.arange(starts.shape[0])
                 if config.refine == "lbfgs":
 
-                    def closure():
+                    def closure(everything=everything):
                         lbfgs.zero_grad(set_to_none=True)
                         value = batch_loss(everything)
                         value.backward()

@@ -160,7 +160,7 @@ def run_identification(case: IdentificationCase, out: Path, *, resume: bool = Fa
         truth_model.component_names(),
         variable_attrs={
             "truth": {**units, "long_name": f"true {truth_model.name} state (test trajectory)"},
-            "forecast": {**units, "long_name": f"free forecast of the learned model from the first test state"},
+            "forecast": {**units, "long_name": "free forecast of the learned model from the first test state"},
         },
         attrs={
             "title": f"geonn case {case.name}: learned forecast vs truth",

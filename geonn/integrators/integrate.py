@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -189,7 +190,7 @@ def _grid(times: torch.Tensor, dtype) -> tuple[list, list[float]]:
     """Times as 0-d tensors in the state dtype, and step sizes as Python floats."""
     t_list = list(times.to(dtype).unbind())
     values = times.tolist()
-    dts = [b - a for a, b in zip(values[:-1], values[1:])]
+    dts = [b - a for a, b in itertools.pairwise(values)]
     return t_list, dts
 
 
@@ -243,7 +244,7 @@ def _integrate_checkpoint(f, step, x0, times, segments) -> torch.Tensor:
     params = [p for p in [*_parameters(f), *step.parameters()] if p.requires_grad]
     pieces = [x0.unsqueeze(0)]
     x = x0
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in itertools.pairwise(bounds):
         if stop == start:
             continue
         seg = _Segment.apply(f, step, times, start, stop, x, *params)

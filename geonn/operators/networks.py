@@ -7,6 +7,8 @@ They are autonomous (``t`` is accepted and ignored).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -49,7 +51,7 @@ class MLP(Operator):
             raise InputError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
         widths = [state_dim, *(_positive_int("hidden", int(h)) for h in hidden), state_dim]
         layers: list[nn.Module] = []
-        for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(w_in, w_out))
             if i < len(widths) - 2:
                 layers.append(ACTIVATIONS[activation]())

@@ -18,7 +18,8 @@ Runge-Kutta step of ``dt``) and ``M_k`` (the flow from the window start to ``s_k
 Windows hold ``window`` consecutive observation times, each window adding ``shift`` new ones
 (default ``shift = window``: side by side), and start at the observation time before their first
 (the first windows at ``t0``); cycled, the background of a window is the previous analysis at
-that time. ``analysis_mean`` at an observation time comes from the window that added it. References: dapper (Var3D, Var4D), sakov2012 (the Lorenz-63 setup).
+that time. ``analysis_mean`` at an observation time comes from the window that added it.
+References: dapper (Var3D, Var4D), sakov2012 (the Lorenz-63 setup).
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ class VariationalResult(FilterResult):
     ``spread=False``. ``ensemble`` is the last analysis as one member ``(1, state_dim)``.
 
     Attributes:
-        smoothed_mean: the estimate at each observation time given the observations of its window
-            and, for the last time of a window, of the next window (whose optimised initial state it
-            is), ``(n_obs_times, state_dim)`` as the smoothers' ``SmootherResult``; ``None`` for 3D-Var.
+        smoothed_mean: the estimate at each observation time from the last window that covers it
+            (so given that window's later observations; at a window's start, its optimised initial
+            state), ``(n_obs_times, state_dim)`` as the smoothers' ``SmootherResult``; ``None`` for 3D-Var.
         smoothed_spread: its linearised standard deviation (same shape), or ``None``.
         smoothed: the window trajectory estimate at every model step from ``t0`` to the last
             observation ``(n_steps + 1, state_dim)``: each window's trajectory, a window's start
@@ -553,8 +554,8 @@ class Var4D(_Windowed):
 
     Example:
         >>> from geonn.assimilation import Var4D
-        >>> Var4D(window=2, B="climatology", scale=0.05, optimizer="gauss-newton")  # doctest: +ELLIPSIS
-        Var4D(window=2, background_std=None, B='climatology', scale=0.05, gradient='backprop', optimizer='gauss-newton', ...)
+        >>> Var4D(window=4, shift=2, B="climatology", scale=0.01, optimizer="gauss-newton")  # doctest: +ELLIPSIS
+        Var4D(window=4, shift=2, background_std=None, B='climatology', scale=0.01, gradient='backprop', optimizer='gauss-newton', ...)
     """
 
     window: int = 1
@@ -674,7 +675,8 @@ class WeakVar4D(_Windowed):
     run; ``'gauss-newton'`` solves the dense normal equations of the whole trajectory (exact in one
     step for a linear model; memory ``((L + 1) state_dim)^2`` per window). As ``Q -> 0`` the
     solution tends to strong-constraint :class:`Var4D`'s, but the state formulation grows
-    ill-conditioned (``~B / Q``): L-BFGS then needs many iterations, Gauss-Newton does not.
+    ill-conditioned (``~B / Q``): L-BFGS then needs many iterations; on a nonlinear model the
+    Gauss-Newton line search then takes short steps over long windows (give it 30 iterations).
 
     Args:
         window: observation times per window.
@@ -686,6 +688,11 @@ class WeakVar4D(_Windowed):
         iterations: most L-BFGS iterations, or Gauss-Newton steps, per window.
         tolerance: stop when the largest gradient entry (L-BFGS) or step (Gauss-Newton) is below it.
         cycle, spread: as in :class:`Var4D`.
+
+    Example:
+        >>> from geonn.assimilation import WeakVar4D
+        >>> WeakVar4D(window=2, model_error_std=0.01, B="climatology", scale=0.01)  # doctest: +ELLIPSIS
+        WeakVar4D(window=2, shift=None, model_error_std=0.01, Q=None, background_std=None, B='climatology', ...)
     """
 
     window: int = 1
@@ -739,9 +746,9 @@ class WeakVar4D(_Windowed):
         def residuals(X):
             return self._residuals(model, step, windows, background, factor, model_factor, operator, dt, X)
 
-        with torch.no_grad():
-            X = rollout(windows.tendency(model), background, windows.length, dt, step, t0=float(windows.times[0])).transpose(0, 1)
-        jac, used = None, 0
+        with torch.no_grad():  # the background's free run: the forecast, and where the optimisation starts
+            free = rollout(windows.tendency(model), background, windows.length, dt, step, t0=float(windows.times[0]))
+        X, used = free.transpose(0, 1), 0
         if self.optimizer == "gauss-newton":
             for used in range(1, self.iterations + 1):
                 jac, r = self._jacobian(residuals, X)
@@ -758,8 +765,7 @@ class WeakVar4D(_Windowed):
             X = start + Z * scale
         with torch.no_grad():
             cost = 0.5 * (residuals(X) ** 2).sum(-1)
-            forecast = windows.gather(rollout(windows.tendency(model), background, windows.length, dt, step,
-                                              t0=float(windows.times[0])).transpose(0, 1))
+        forecast = windows.gather(free.transpose(0, 1))
         analysis_var = forecast_var = start_var = None
         if self.spread:
             jac, _ = self._jacobian(residuals, X)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -171,21 +172,9 @@ class _EnsembleFilter:
         Returns:
             A :class:`FilterResult` with one row per observation time.
         """
-        if not callable(model):
-            raise InputTypeError(f"model: expected a tendency f(t, x), got {describe(model)}")
-        if not isinstance(observations, Observations):
-            raise InputTypeError(f"observations: expected geonn.assimilation.Observations, got {describe(observations)}")
-        if observations.operator is None:
-            raise InputError(
-                "observations.operator: expected an observation operator; these observations are of a non-subset "
-                "operator (an 'obs' dimension): pass operator= to read_observations"
-            )
-        steps = observations.steps(dt, t0)
-        generator = torch.Generator().manual_seed(self.seed)
-        members = self._initial_ensemble(model, prior_mean, prior_spread, ensemble, generator)
-        step = scheme if isinstance(scheme, RungeKuttaStep) else RungeKuttaStep(scheme)
-        operator, error = observations.operator, observations.error
-        values = observations.values.to(members.dtype)
+        run = self._start(model, observations, dt, prior_mean, prior_spread, ensemble, t0, scheme)
+        steps, generator, members, step = run.steps, run.generator, run.ensemble, run.step
+        operator, error, values = run.operator, run.error, run.values
 
         rows = {key: [] for key in ("fm", "fs", "am", "as", "inflation")}
         current = 0
@@ -237,6 +226,26 @@ class _EnsembleFilter:
             return self._post_process(updated, generator)
 
     # --- pieces -----------------------------------------------------------------------------------
+
+    def _start(self, model, observations, dt, prior_mean, prior_spread, ensemble, t0, scheme) -> SimpleNamespace:
+        """Check the inputs and set up a run: observation steps, seeded generator, first ensemble, scheme."""
+        if not callable(model):
+            raise InputTypeError(f"model: expected a tendency f(t, x), got {describe(model)}")
+        if not isinstance(observations, Observations):
+            raise InputTypeError(f"observations: expected geonn.assimilation.Observations, got {describe(observations)}")
+        if observations.operator is None:
+            raise InputError(
+                "observations.operator: expected an observation operator; these observations are of a non-subset "
+                "operator (an 'obs' dimension): pass operator= to read_observations"
+            )
+        steps = observations.steps(dt, t0)
+        generator = torch.Generator().manual_seed(self.seed)
+        members = self._initial_ensemble(model, prior_mean, prior_spread, ensemble, generator)
+        step = scheme if isinstance(scheme, RungeKuttaStep) else RungeKuttaStep(scheme)
+        return SimpleNamespace(
+            model=model, dt=float(dt), t0=float(t0), steps=steps, generator=generator, ensemble=members, step=step,
+            operator=observations.operator, error=observations.error, values=observations.values.to(members.dtype),
+        )
 
     def _initial_ensemble(self, model, prior_mean, prior_spread, ensemble, generator) -> torch.Tensor:
         if ensemble is not None:

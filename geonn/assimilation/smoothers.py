@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from ..errors import InputError, InputTypeError, describe
-from ..integrators import RungeKuttaStep, rollout
+from ..integrators import rollout
 from .ensemble import (
     FilterResult,
     _check_int,
@@ -58,25 +57,6 @@ class SmootherResult(FilterResult):
 
 class _Smoother(_EnsembleFilter):
     """Input checks and the forecast shared by the smoothers."""
-
-    def _start(self, model, observations, dt, prior_mean, prior_spread, ensemble, t0, scheme) -> SimpleNamespace:
-        if not callable(model):
-            raise InputTypeError(f"model: expected a tendency f(t, x), got {describe(model)}")
-        if not isinstance(observations, Observations):
-            raise InputTypeError(f"observations: expected geonn.assimilation.Observations, got {describe(observations)}")
-        if observations.operator is None:
-            raise InputError(
-                "observations.operator: expected an observation operator; these observations are of a non-subset "
-                "operator (an 'obs' dimension): pass operator= to read_observations"
-            )
-        steps = observations.steps(dt, t0)
-        generator = torch.Generator().manual_seed(self.seed)
-        members = self._initial_ensemble(model, prior_mean, prior_spread, ensemble, generator)
-        step = scheme if isinstance(scheme, RungeKuttaStep) else RungeKuttaStep(scheme)
-        return SimpleNamespace(
-            model=model, dt=float(dt), t0=float(t0), steps=steps, generator=generator, ensemble=members, step=step,
-            operator=observations.operator, error=observations.error, values=observations.values.to(members.dtype),
-        )
 
     @staticmethod
     def _forecast(run, members: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import environment_line, set_threads, table
 
 QUICK_OVERRIDES = [
@@ -72,16 +71,10 @@ class SindyTendency(torch.nn.Module):
 
 
 def case_data(case):
-    """The training and test trajectories of an identification case (the calls of ``run_identification``)."""
-    from geonn.dynamics import MODELS, simulate
+    """The training and test trajectories of an identification case (the case's own data code)."""
+    from geonn.cases.identification import simulate_data
 
-    data = case.data
-    truth_model = MODELS[data.model](**data.model_parameters)
-    train_ds = simulate(truth_model, data.n_train, data.dt, spinup_steps=data.spinup_steps, seed=data.seed)
-    generator = torch.Generator().manual_seed(data.seed + 1)
-    test_x0 = truth_model.default_initial_state() + torch.randn(truth_model.state_dim, generator=generator, dtype=torch.float64)
-    test_ds = simulate(truth_model, data.n_test, data.dt, x0=test_x0, spinup_steps=data.spinup_steps, seed=data.seed)
-    return truth_model, torch.as_tensor(train_ds.state.values), torch.as_tensor(test_ds.state.values)
+    return simulate_data(case.data)
 
 
 def score(f, case, test, step) -> dict:
@@ -249,8 +242,8 @@ def main(argv=None) -> int:
         for name, value, bound, met in check_expected(c, m):
             target_rows.append([label, name, f"{value:.3e}", f"<= {bound:g}", "yes" if met else "no"])
     print(table(["method", "metric", "value", "target", "met"], target_rows))
-    print(f"\nIssue's reference numbers: SINDy with 4th-order differences about 2.2e-5 at lead 1; a plain 3-64-64-3 MLP "
-          f"about 2e-3; geonn target rmse_lead1 <= 1e-5 and |lyapunov - true| <= 0.05.")
+    print("\nIssue's reference numbers: SINDy with 4th-order differences about 2.2e-5 at lead 1; a plain 3-64-64-3 MLP "
+          "about 2e-3; geonn target rmse_lead1 <= 1e-5 and |lyapunov - true| <= 0.05.")
 
     print(f"\nSINDy STLSQ threshold {args.threshold}; fitted equations:\n")
     for label, model in sindy_models.items():

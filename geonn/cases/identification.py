@@ -118,19 +118,24 @@ def build_operator(config: ModelConfig, state_dim: int) -> torch.nn.Module:
     return PeriodicConv1d(config.n_linear, config.n_bilinear, config.radius)
 
 
+def simulate_data(data: DataConfig) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The case's true model, training trajectory ``(n_train + 1, D)`` and a separate test
+    trajectory ``(n_test + 1, D)`` started from a seeded perturbation of the default state."""
+    truth_model = MODELS[data.model](**data.model_parameters)
+    train_ds = simulate(truth_model, data.n_train, data.dt, spinup_steps=data.spinup_steps, seed=data.seed)
+    generator = torch.Generator().manual_seed(data.seed + 1)
+    test_x0 = truth_model.default_initial_state() + torch.randn(truth_model.state_dim, generator=generator, dtype=torch.float64)
+    test_ds = simulate(truth_model, data.n_test, data.dt, x0=test_x0, spinup_steps=data.spinup_steps, seed=data.seed)
+    return truth_model, torch.as_tensor(train_ds.state.values), torch.as_tensor(test_ds.state.values)
+
+
 def run_identification(case: IdentificationCase, out: Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Run the case and write ``forecast.nc`` and figures into ``out``; return the metrics."""
     from .. import plotting
 
     started = time.perf_counter()
     data = case.data
-    truth_model = MODELS[data.model](**data.model_parameters)
-    train_ds = simulate(truth_model, data.n_train, data.dt, spinup_steps=data.spinup_steps, seed=data.seed)
-    generator = torch.Generator().manual_seed(data.seed + 1)
-    test_x0 = truth_model.default_initial_state() + torch.randn(truth_model.state_dim, generator=generator, dtype=torch.float64)
-    test_ds = simulate(truth_model, data.n_test, data.dt, x0=test_x0, spinup_steps=data.spinup_steps, seed=data.seed)
-    train = torch.as_tensor(train_ds.state.values)
-    test = torch.as_tensor(test_ds.state.values)
+    truth_model, train, test = simulate_data(data)
 
     torch.manual_seed(case.seed)
     operator = build_operator(case.model, truth_model.state_dim).double()

@@ -125,8 +125,8 @@ def test_wrong_types_are_refused(override, message):
         ("model.operator=cnn", r"model\.operator: expected"),
         ("model.scheme=rk5", r"model\.scheme"),
         ("metrics.leads=[0, 1]", r"metrics\.leads: expected lead times >= 1"),
-        ("training.refine=newton", r"training: refine: expected one of"),
-        ("training.epochs=-1", r"training: epochs: expected an integer >= 0"),
+        ("training.refine=newton", r"training.refine: expected one of"),
+        ("training.epochs=-1", r"training.epochs: expected an integer >= 0"),
         ("kind=forecast", r"kind: expected one of \[.*'identification'.*\], got 'forecast'"),
     ],
 )

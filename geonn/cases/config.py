@@ -70,7 +70,11 @@ def build(cls, data: Any, where: str = ""):
     except ValueError as err:
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(f"{where or 'config'}: {err}") from None
+        message = str(err)
+        field_name = message.split(":", 1)[0]
+        if where and field_name in fields:  # "epochs: expected ..." -> "training.epochs: expected ..."
+            raise ConfigError(f"{where}.{message}") from None
+        raise ConfigError(f"{where or 'config'}: {message}") from None
 
 
 def _convert(tp, value, key):

@@ -258,7 +258,9 @@ def _integrate_checkpoint(f, step, x0, times, segments) -> torch.Tensor:
 @torch.no_grad()
 def _integrate_no_grad(f, step, x0, times, compile: bool) -> torch.Tensor:
     n_steps = times.numel() - 1
-    t_list, dts = _grid(times, x0.dtype)
+    values = times.tolist()
+    dts = [b - a for a, b in itertools.pairwise(values)]
+    grid = times.to(x0.dtype)
     out = torch.empty((n_steps + 1, *x0.shape), dtype=x0.dtype, device=x0.device)
     out[0] = x0
     x = x0
@@ -267,12 +269,13 @@ def _integrate_no_grad(f, step, x0, times, compile: bool) -> torch.Tensor:
         chunk = _compiled_chunk()
         h = dts[0]
         while i + _COMPILE_CHUNK <= n_steps:
-            x = chunk(f, step, t_list[i], x, h, out[i + 1 : i + 1 + _COMPILE_CHUNK])
+            x = chunk(f, step, grid[i], x, h, out[i + 1 : i + 1 + _COMPILE_CHUNK])
             i += _COMPILE_CHUNK
-    while i < n_steps:
-        x = step(f, t_list[i], x, dts[i])
-        out[i + 1] = x
-        i += 1
+    if i < n_steps:
+        t_list = list(grid[i:].unbind())
+        for k in range(n_steps - i):
+            x = step(f, t_list[k], x, dts[i + k])
+            out[i + k + 1] = x
     return out
 
 

@@ -14,7 +14,6 @@ import tomllib
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 import geonn
@@ -33,12 +32,7 @@ RADIUS = {"letkf": ["--radius", "1.0"]}
 SMOOTHED = ("enks", "ienks", "4dvar")  # methods whose result holds smoothed_mean
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from linear_gaussian import linear_model, rk4_step_matrix
 
 import geonn
 from geonn.assimilation import (
@@ -41,14 +42,7 @@ from geonn.io import write_netcdf
 ZERO = torch.zeros(3, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The analyses are many small LAPACK calls; on shared cores an OpenMP team spinning for each
-    one costs ~100x the call (a 2x2 eigh: 6 ms instead of 20 us). One thread for this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- localisation ------------------------------------------------------------------------------------
@@ -276,14 +270,8 @@ def test_read_observations_rejects_missing_files_and_wrong_types(tmp_path):
 
 # --- linear Gaussian model: the exact Kalman filter ------------------------------------------------
 
-A_LINEAR = torch.tensor([[-0.1, 1.0, 0.0], [-1.0, -0.1, 0.0], [0.0, 0.0, -0.2]], dtype=torch.float64)
 DT, EVERY, CYCLES = 0.05, 5, 20
 M0, P0 = np.array([0.5, -0.5, 0.0]), np.diag([1.0, 0.5, 2.0])
-
-
-def linear_model(t, x):
-    """dx/dt = A x: a damped rotation in (x0, x1) and a decay in x2."""
-    return x @ A_LINEAR.T
 
 
 @pytest.fixture(scope="module")
@@ -294,8 +282,7 @@ def linear_twin():
                          x0=torch.tensor([1.0, 0.5, -1.0], dtype=torch.float64), seed=1)
     obs = read_observations(ds)
     # the transition over one cycle: the matrix of the rk4 step applied to the identity's columns
-    step = geonn.RungeKuttaStep("rk4")
-    one_step = step(linear_model, 0.0, torch.eye(3, dtype=torch.float64), DT).T.numpy()
+    one_step = rk4_step_matrix(DT)
     transition = np.linalg.matrix_power(one_step, EVERY)
     H, R = operator.matrix.numpy(), np.diag(std.numpy() ** 2)
     mean, cov = M0.copy(), P0.copy()

@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-import torch
 import xarray as xr
 
 from geonn import ConfigError
@@ -33,12 +32,7 @@ SMALL = [
 METRIC_KEYS = {"rmse_lead1", "rmse_lead4", "rmse_lead8", "lyapunov_max", "lyapunov_max_true", "train_seconds", "n_params"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def temp_files(folder):
@@ -218,7 +212,7 @@ def test_check_expected():
 
 
 @pytest.fixture(scope="module")
-def lorenz63_run(tmp_path_factory, _one_torch_thread):
+def lorenz63_run(tmp_path_factory, one_torch_thread):
     case = load_case("lorenz63", SMALL)
     out = tmp_path_factory.mktemp("runs") / "lorenz63"
     metrics = run_case(case, out, progress=False)

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from geonn.cases import load_case
 from geonn.cli import main
@@ -34,12 +33,7 @@ def set_args(settings):
     return [arg for setting in settings for arg in ("--set", setting)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_case_list(capsys):

@@ -14,13 +14,7 @@ from geonn.metrics import forecast_rmse, lyapunov_max
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors in long Python loops: one intra-op thread is faster on a small shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Linear(torch.nn.Module):

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from linear_gaussian import linear_model, rk4_step_matrix
 
 import geonn
 from geonn.assimilation import (
@@ -28,23 +29,11 @@ from geonn.assimilation import (
 )
 from geonn.errors import InputError
 
-A_LINEAR = torch.tensor([[-0.1, 1.0, 0.0], [-1.0, -0.1, 0.0], [0.0, 0.0, -0.2]], dtype=torch.float64)
 DT, EVERY, CYCLES = 0.05, 5, 16
 M0, P0 = np.array([0.5, -0.5, 0.0]), np.diag([1.0, 0.5, 2.0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small LAPACK calls: one thread is far faster on shared cores (see test_assimilation.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def linear_model(t, x):
-    """dx/dt = A x: a damped rotation in (x0, x1) and a decay in x2."""
-    return x @ A_LINEAR.T
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +43,7 @@ def linear_twin():
     ds = twin_experiment(linear_model, DT, EVERY * CYCLES, operator, ObservationError(std=std), every=EVERY,
                          x0=torch.tensor([1.0, 0.5, -1.0], dtype=torch.float64), seed=1)
     obs = read_observations(ds)
-    one_step = geonn.RungeKuttaStep("rk4")(linear_model, 0.0, torch.eye(3, dtype=torch.float64), DT).T.numpy()
+    one_step = rk4_step_matrix(DT)
     transition = np.linalg.matrix_power(one_step, EVERY)
     H, R = operator.matrix.numpy(), np.diag(std.numpy() ** 2)
     y = obs.values[:, [0, 2]].numpy()

@@ -27,14 +27,7 @@ DTYPE = torch.float64
 DT = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a small shared machine two threads mostly wait on each other, and the
-    bit-for-bit comparisons below (and the subprocess) then use the same thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- data and models shared by the tests (and by the subprocess of the SIGKILL test) -------------

@@ -17,6 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from linear_gaussian import A_LINEAR, linear_model, rk4_step_matrix
 
 import geonn
 from geonn.assimilation import (
@@ -37,31 +38,21 @@ from geonn.assimilation import (
 from geonn.errors import InputError, InputTypeError
 
 # torch's forward-mode AD (torch.func.jacfwd) registers its decompositions with torch.jit.script on first use
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small LAPACK calls: one thread is far faster on shared cores (docs/assimilation.md)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 # --- the linear Gaussian model and its exact Kalman filter / smoother -----------------------------------
 
-A_LINEAR = torch.tensor([[-0.1, 1.0, 0.0], [-1.0, -0.1, 0.0], [0.0, 0.0, -0.2]], dtype=torch.float64)
 DT, EVERY = 0.05, 5
 M0 = np.array([0.5, -0.5, 0.0])
 P0 = np.array([[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 2.0]])
 STD = torch.tensor([0.3, 0.5], dtype=torch.float64)
 OPERATOR = Subset([0, 2], state_dim=3)
-
-
-def linear_model(t, x):
-    """dx/dt = A x: a damped rotation in (x0, x1) and a decay in x2."""
-    return x @ A_LINEAR.T
 
 
 def forced_model(t, x):
@@ -70,7 +61,7 @@ def forced_model(t, x):
     return x @ A_LINEAR.T + forcing
 
 
-ONE_STEP = geonn.RungeKuttaStep("rk4")(linear_model, 0.0, torch.eye(3, dtype=torch.float64), DT).T.numpy()
+ONE_STEP = rk4_step_matrix(DT)
 H, R = OPERATOR.matrix.numpy(), np.diag(STD.numpy() ** 2)
 
 

@@ -11,13 +11,11 @@ it must score each sample independently (no batch normalisation), or the penalty
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
 from ..errors import InputError, InputTypeError, describe
-from ..operators.networks import ACTIVATIONS
+from ..operators.networks import mlp_layers
 from ._inputs import check_finite, float_tensor, number, positive_int
 
 
@@ -34,15 +32,7 @@ class Critic(nn.Module):
     def __init__(self, state_dim: int, hidden: tuple[int, ...] = (64, 64), activation: str = "silu"):
         super().__init__()
         self.state_dim = positive_int("state_dim", state_dim)
-        if activation not in ACTIVATIONS:
-            raise InputError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        widths = [state_dim, *(positive_int("hidden", h) for h in hidden), 1]
-        layers: list[nn.Module] = []
-        for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
-            layers.append(nn.Linear(w_in, w_out))
-            if i < len(widths) - 2:
-                layers.append(ACTIVATIONS[activation]())
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_layers([state_dim, *(positive_int("hidden", h) for h in hidden), 1], activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.state_dim:

@@ -24,6 +24,18 @@ def _positive_int(name, value):
     return value
 
 
+def mlp_layers(widths: list[int], activation: str) -> nn.Sequential:
+    """Linear layers ``widths[0] -> ... -> widths[-1]`` with ``activation`` between them (none after the last)."""
+    if activation not in ACTIVATIONS:
+        raise InputError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = []
+    for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(w_in, w_out))
+        if i < len(widths) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
 class Operator(nn.Module):
     """Base of learned tendencies: checks the state's last dimension."""
 
@@ -47,15 +59,7 @@ class MLP(Operator):
     def __init__(self, state_dim: int, hidden: tuple[int, ...] = (64, 64), activation: str = "tanh"):
         super().__init__()
         self.state_dim = _positive_int("state_dim", state_dim)
-        if activation not in ACTIVATIONS:
-            raise InputError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        widths = [state_dim, *(_positive_int("hidden", int(h)) for h in hidden), state_dim]
-        layers: list[nn.Module] = []
-        for i, (w_in, w_out) in enumerate(itertools.pairwise(widths)):
-            layers.append(nn.Linear(w_in, w_out))
-            if i < len(widths) - 2:
-                layers.append(ACTIVATIONS[activation]())
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_layers([state_dim, *(_positive_int("hidden", int(h)) for h in hidden), state_dim], activation)
 
     def forward(self, t, x: torch.Tensor) -> torch.Tensor:
         self._check(x)

@@ -25,8 +25,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,7 @@ from .. import __version__
 from ..errors import ConfigError, GeonnError, InputError, describe
 from ..fields import trajectory_to_dataset
 from ..integrators import RungeKuttaStep, get_tableau
-from ..io import write_figure, write_json, write_netcdf, write_text
+from ..io import check_output_folder, staged_folder, write_figure, write_json, write_netcdf, write_text
 from .ensemble import ETKF, LETKF, EnKF, EnKFN
 from .observations import Observations
 from .scores import rmse_time_mean
@@ -541,7 +539,7 @@ def assimilate(settings: AssimilateSettings) -> dict:
     truth = read_truth(settings.truth, observations.times, state_dim) if settings.truth else None
     skip = burn_in_rows(observations.times, settings.burn_in)
     out = Path(settings.out)
-    _check_out(out, settings.overwrite)
+    check_output_folder(out, settings.overwrite)
 
     resolved = {
         "geonn": __version__,
@@ -557,7 +555,7 @@ def assimilate(settings: AssimilateSettings) -> dict:
         resolved["truth"] = str(Path(settings.truth).resolve())
     resolved["prior"] = prior_description
 
-    with _staging(out, settings.overwrite) as stage:
+    with staged_folder(out, settings.overwrite) as stage:
         result, seconds, cpu_seconds = run_method(method, model, observations, dt, prior_mean=prior_mean,
                                                   prior_spread=prior_spread, t0=t0)
         ds = analysis_dataset(result, observations.times, component_names, units=units, attrs={
@@ -595,40 +593,3 @@ def _open(path: Path):
         if isinstance(err, InputError):
             raise
         raise InputError(f"{str(path)!r}: not a readable netCDF file ({err})") from None
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out: {str(out)!r} already holds files; pass --overwrite to replace them or pick another folder")
-
-
-@contextlib.contextmanager
-def _staging(out: Path, overwrite: bool):
-    """A hidden folder beside ``out`` that becomes ``out`` on success and disappears on failure."""
-    out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield stage
-        if out.exists():
-            if not out.is_dir() or (any(out.iterdir()) and not overwrite):
-                raise InputError(f"--out: {str(out)!r} appeared while the run was going on; the results are not moved there")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
-        os.chmod(out, 0o777 & ~_umask())
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-

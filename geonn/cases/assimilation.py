@@ -212,3 +212,7 @@ def check_expected(case: AssimilationCase, metrics: dict) -> list[tuple[str, flo
         if value is not None:
             rows.append((name, float(value), float(bound), float(value) <= float(bound)))
     return rows
+
+
+CONFIG = AssimilationCase
+run = run_assimilation

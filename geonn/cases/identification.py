@@ -215,3 +215,7 @@ def check_expected(case: IdentificationCase, metrics: dict) -> list[tuple[str, f
         rows.append(("|lyapunov_max - lyapunov_max_true|", error, case.expected.lyapunov_abs_error_max,
                      error <= case.expected.lyapunov_abs_error_max))
     return rows
+
+
+CONFIG = IdentificationCase
+run = run_identification

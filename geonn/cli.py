@@ -1,5 +1,6 @@
 """The ``geonn`` command: ``geonn case NAME`` runs a case study into one output folder;
-``geonn assimilate OBS.nc --model M --method X --out DIR`` assimilates an observation file."""
+``geonn assimilate OBS.nc --model M --method X --out DIR`` assimilates an observation file;
+``geonn fields reduce|emulate|generate IN.nc --var V --out DIR`` runs a netCDF pipeline."""
 
 from __future__ import annotations
 
@@ -50,6 +51,50 @@ def _assimilate_command(args) -> int:
     return 0
 
 
+_FIELD_OPTIONS = {"reduce": ("modes", "method", "epochs"), "emulate": ("epochs",), "generate": ("samples", "epochs")}
+
+
+def _fields_command(args) -> int:
+    from .pipelines import run_verb
+    from .pipelines.verbs import make_options
+
+    options = make_options(args.verb, **{name: getattr(args, name) for name in _FIELD_OPTIONS[args.verb]})
+    metrics = run_verb(args.verb, args.input, args.var, options, args.out, train_fraction=args.train_fraction,
+                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"fields {args.verb}: outputs in {args.out}/")
+    for key in sorted(metrics):
+        value = metrics[key]
+        print(f"  {key:30s} {value:.4g}" if isinstance(value, float) else f"  {key:30s} {value}")
+    return 0
+
+
+def _add_fields_parser(sub) -> None:
+    fields = sub.add_parser("fields", help="netCDF pipelines over gridded fields: reduce, emulate, generate")
+    verbs = fields.add_subparsers(dest="verb", required=True)
+    helps = {
+        "reduce": "encode a variable to K latent modes (EOF or autoencoder) and rebuild it",
+        "emulate": "train a CNN one-step emulator; score it against persistence, ridge and a LIM",
+        "generate": "train a GAN generator of fields; score it against an EOF-Gaussian sampler",
+    }
+    for verb, text in helps.items():
+        p = verbs.add_parser(verb, help=text, description=text)
+        p.add_argument("input", metavar="IN.nc", help="netCDF file")
+        p.add_argument("--var", required=True, metavar="V", help="the variable (needs time, latitude, longitude dims)")
+        p.add_argument("--train-fraction", type=float, default=0.8, metavar="F",
+                       help="share of the time axis, from the start, used for training (default 0.8); the rest is scored")
+        p.add_argument("--seed", type=int, default=0, help="seed of the training (default 0)")
+        p.add_argument("--out", required=True, metavar="DIR", help="output folder (written whole at the end, or not at all)")
+        p.add_argument("--overwrite", action="store_true", help="replace the outputs already in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--epochs", type=int, help="training epochs of the learned model (default: its own)")
+        if verb == "reduce":
+            p.add_argument("--modes", type=int, required=True, metavar="K", help="number of latent modes")
+            p.add_argument("--method", default="eof", choices=("eof", "autoencoder"), help="the reducer (default eof)")
+        if verb == "generate":
+            p.add_argument("--samples", type=int, required=True, metavar="N", help="number of fields to generate")
+        p.set_defaults(func=_fields_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geonn", description="Deep learning for the geosciences.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="3dvar/4dvar: B = XB x the model's climatological covariance (DAPPER's xB; default 1)")
     da.add_argument("--overwrite", action="store_true", help="replace the outputs already in --out")
     da.set_defaults(func=_assimilate_command)
+    _add_fields_parser(sub)
     return parser
 
 

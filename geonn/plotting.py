@@ -52,3 +52,60 @@ def forecast_series(times, truth, forecast, path: Path, labels=("x", "y", "z")) 
     np.atleast_1d(axes)[0].legend(loc="upper right")
     np.atleast_1d(axes)[-1].set_xlabel("time (model time units)")
     return write_figure(fig, path)
+
+
+def map_panels(panels, titles, latitudes, longitudes, path: Path, *, units: str = "", cmap: str = "RdBu_r",
+               shared: bool = True, ncols: int | None = None, suptitle: str | None = None) -> Path:
+    """Maps side by side: ``panels`` is a list of ``(lat, lon)`` arrays (NaN drawn blank), latitude south to north.
+
+    With ``shared`` all panels use one symmetric colour range (a diverging map centred on 0 for
+    anomalies and errors); otherwise each panel has its own range and colour bar.
+    """
+    panels = [np.asarray(p, dtype=float) for p in panels]
+    n = len(panels)
+    ncols = ncols or min(n, 4)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False, constrained_layout=True)
+    lat = np.asarray(latitudes, dtype=float) if latitudes is not None else np.arange(panels[0].shape[0])
+    lon = np.asarray(longitudes, dtype=float) if longitudes is not None else np.arange(panels[0].shape[1])
+    finite = np.concatenate([p[np.isfinite(p)] for p in panels]) if panels else np.zeros(1)
+    if finite.size == 0:
+        finite = np.zeros(1)
+    symmetric = cmap in ("RdBu_r", "RdBu", "coolwarm", "seismic")
+    bound = float(np.max(np.abs(finite))) or 1.0
+    vmin, vmax = (-bound, bound) if symmetric else (float(finite.min()), float(finite.max()))
+    image = None
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
+            ax.set_visible(False)
+            continue
+        p = panels[k]
+        if not shared:
+            own = p[np.isfinite(p)]
+            own = own if own.size else np.zeros(1)
+            b = float(np.max(np.abs(own))) or 1.0
+            vmin, vmax = (-b, b) if symmetric else (float(own.min()), float(own.max()))
+        image = ax.pcolormesh(lon, lat, np.ma.masked_invalid(p), cmap=cmap, vmin=vmin, vmax=vmax, shading="auto")
+        ax.set_title(titles[k], fontsize=9)
+        ax.set_aspect("auto")
+        ax.tick_params(labelsize=7)
+        if not shared:
+            fig.colorbar(image, ax=ax, shrink=0.8, label=units)
+    if shared and image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label=units)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return write_figure(fig, path)
+
+
+def spectra(wavenumbers, curves: dict, path: Path, *, xlabel: str = "wavenumber (cycles per domain)",
+            ylabel: str = "power") -> Path:
+    """Power spectra on log-log axes, one line per named curve."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, values in curves.items():
+        ax.loglog(wavenumbers, values, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return write_figure(fig, path)

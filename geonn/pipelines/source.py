@@ -1,0 +1,137 @@
+"""Open one variable of a netCDF file as training and held-out tensors, with every check up front."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xarray as xr
+
+from ..errors import GeonnError, InputError
+from ..fields import Grid, Normaliser, TimeSplit, area_weights, calendar_groups, find_grid, time_split, to_tensor
+
+MIN_TRAIN_STEPS = 4   # the emulator needs pairs and the normaliser a spread
+MIN_TEST_STEPS = 2
+
+
+@dataclass
+class FieldData:
+    """One variable, as tensors, split in time, with its training normalisation.
+
+    Attributes:
+        path: the input file.
+        da: the variable as read (coordinates, attributes and encoding intact); outputs are
+            rebuilt from it with :func:`geonn.fields.from_tensor`.
+        grid: its layout (:class:`geonn.fields.Grid`).
+        values: ``(time, channel, lat, lon)`` float32 tensor in the variable's units, 0 where missing.
+        mask: bool, same shape, True where the input is finite.
+        split: the training (first) and held-out (last) time steps.
+        weights: ``(lat, lon)`` area weights ``cos(latitude)`` summing to 1 (not masked).
+        groups: ``(time,)`` calendar group of each step (one group for annual data).
+        normaliser: climatology and a global scale fitted on the training steps only.
+        anomalies: ``normaliser.transform(values)``: dimensionless, 0 where missing.
+    """
+
+    path: Path
+    var: str
+    da: xr.DataArray
+    grid: Grid
+    values: torch.Tensor
+    mask: torch.Tensor
+    split: TimeSplit
+    weights: torch.Tensor
+    groups: torch.Tensor
+    normaliser: Normaliser
+    anomalies: torch.Tensor
+
+    @property
+    def units(self) -> str:
+        return str(self.da.attrs.get("units", ""))
+
+    @property
+    def n_train(self) -> int:
+        return self.split.train.stop - self.split.train.start
+
+    @property
+    def n_test(self) -> int:
+        return self.split.test.stop - self.split.test.start
+
+    def describe(self) -> dict:
+        """Flat facts about the input for the resolved config."""
+        return {
+            "input": str(self.path.resolve()), "var": self.var, "dims": list(self.grid.dims),
+            "shape": list(self.grid.sizes), "units": self.units, "n_train": self.n_train, "n_test": self.n_test,
+            "missing_fraction": float(1 - self.mask.float().mean()),
+        }
+
+
+def open_dataset(path: str | os.PathLike, argument: str = "IN.nc") -> xr.Dataset:
+    """Open a netCDF file lazily (dask chunks where dask is installed), cftime for any calendar."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{argument}: expected an existing netCDF file, got {str(path)!r} (no such file)")
+    try:
+        return xr.open_dataset(path, decode_times=xr.coders.CFDatetimeCoder(use_cftime=True), chunks=_chunks())
+    except Exception as err:  # netCDF4/h5netcdf/scipy raise many types for a file that is not netCDF
+        raise InputError(f"{argument}: {str(path)!r} is not a readable netCDF file ({type(err).__name__}: {err})") from None
+
+
+def _chunks():
+    try:
+        import dask  # noqa: F401
+    except ImportError:
+        return None
+    return {}
+
+
+def open_field(path: str | os.PathLike, var: str, train_fraction: float = 0.8, *, scale: str | None = "global") -> FieldData:
+    """Read ``var`` from ``path`` and prepare it for a verb.
+
+    Args:
+        path: a netCDF file.
+        var: the variable name; it needs time, latitude and longitude dimensions (any names
+            :func:`geonn.fields.find_grid` recognises).
+        train_fraction: the share of the time axis (from the start) used for training, in (0, 1);
+            the rest is held out for the scores.
+        scale: the normaliser's scale (see :class:`geonn.fields.Normaliser`).
+
+    Raises:
+        InputError: a missing or unreadable file, a missing variable (the message lists the
+            file's variables), a variable without time/lat/lon, a non-numeric variable, an
+            all-missing variable, or too few time steps to split.
+    """
+    if not isinstance(train_fraction, (int, float)) or not 0 < train_fraction < 1:
+        raise InputError(f"--train-fraction: expected a number in (0, 1), got {train_fraction!r}")
+    ds = open_dataset(path)
+    if var not in ds.data_vars:
+        raise InputError(f"--var: {str(path)!r} has no variable {var!r}; its variables are {sorted(map(str, ds.data_vars))}")
+    da = ds[var]
+    if not (da.dtype.kind in "fiu"):
+        raise InputError(f"--var: expected a numeric variable, got {var!r} of dtype {da.dtype}")
+    try:
+        grid = find_grid(da)
+    except GeonnError as err:
+        raise InputError(f"--var {var}: expected time, latitude and longitude dimensions; {err}") from None
+    n_times = da.sizes[grid.time]
+    try:
+        split = time_split(n_times, 1 - train_fraction)
+    except InputError:
+        split = None
+    if split is None or split.train.stop < MIN_TRAIN_STEPS or n_times - split.train.stop < MIN_TEST_STEPS:
+        raise InputError(
+            f"--var {var}: too few time steps to split: {n_times} along {grid.time!r} with --train-fraction {train_fraction}; "
+            f"expected at least {MIN_TRAIN_STEPS} training and {MIN_TEST_STEPS} held-out steps"
+        )
+    da = da.load()
+    values, mask, grid = to_tensor(da, grid, dtype=torch.float32)
+    if not bool(mask[split.train].any()):
+        raise InputError(f"--var {var}: every value in the training part is missing (NaN)")
+    if bool((values.abs() > 1e30).any()):
+        raise InputError(f"--var {var}: values beyond 1e30 (an undeclared fill value?); set _FillValue/missing_value in the file")
+    weights = area_weights(grid)
+    groups = calendar_groups(da, grid=grid)
+    normaliser = Normaliser(scale=scale).fit(values, mask, split.train, groups)
+    anomalies = normaliser.transform(values, mask, groups)
+    return FieldData(Path(path), var, da, grid, values, mask, split, weights, groups, normaliser, anomalies)

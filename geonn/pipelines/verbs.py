@@ -1,0 +1,79 @@
+"""Run one verb on one netCDF variable into one output folder, whole or not at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, InputError
+from ..io import check_output_folder, staged_folder, write_json, write_text
+from .source import open_field
+
+# verb -> module defining ``Options`` (a dataclass) and ``run(data, options, folder, *, seed, progress) -> metrics``
+VERBS = {
+    "reduce": "geonn.pipelines.reduce",      # EOF or autoencoder reducer: latent.nc, reconstruction.nc
+    "emulate": "geonn.pipelines.emulate",    # CNN one-step emulator vs persistence, ridge, LIM: forecast.nc
+    "generate": "geonn.pipelines.generate",  # WGAN-GP generator vs an EOF-Gaussian sampler: samples.nc
+}
+
+
+def verb_module(verb: str):
+    if verb not in VERBS:
+        raise ConfigError(f"verb: expected one of {sorted(VERBS)}, got {verb!r}")
+    return importlib.import_module(VERBS[verb])
+
+
+def make_options(verb: str, **values):
+    """The verb's ``Options`` from keyword values; ``None`` values keep the defaults."""
+    cls = verb_module(verb).Options
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{verb}: unknown options {unknown}; expected some of {sorted(names)}")
+    return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | os.PathLike, *,
+             train_fraction: float = 0.8, seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run ``verb`` on variable ``var`` of ``path``; write its outputs into ``out``.
+
+    Everything is checked before training starts (file, variable, dimensions, split, options,
+    output folder); outputs are written into a hidden folder beside ``out`` that becomes ``out``
+    at the end, so a failed or interrupted run leaves nothing behind. ``out`` ends up holding the
+    verb's netCDF outputs, ``model.pt`` (its fitted state, weights-only), ``config.toml`` (the
+    resolved settings), ``figures/*.png`` and, written last, ``metrics.json``.
+
+    Returns:
+        The metrics (flat floats and strings).
+    """
+    module = verb_module(verb)
+    if not isinstance(options, module.Options):
+        raise InputError(f"options: expected {module.Options.__name__} for {verb}, got {type(options).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"--seed: expected an int, got {seed!r}")
+    out = check_output_folder(out, overwrite)
+    data = open_field(path, var, train_fraction)
+    resolved = {"geonn": __version__, "verb": verb, "seed": seed, "train_fraction": float(train_fraction),
+                **data.describe(), verb: _without_none(dataclasses.asdict(options))}
+    torch.manual_seed(seed)
+    with staged_folder(out, overwrite) as stage:
+        import tomli_w
+
+        write_text(stage / "config.toml", tomli_w.dumps(resolved))
+        (stage / "figures").mkdir()
+        start = time.perf_counter()
+        metrics = module.run(data, options, stage, seed=seed, progress=progress)
+        metrics = {"verb": verb, **metrics, "seconds": time.perf_counter() - start}
+        write_json(metrics, stage / "metrics.json")
+    return metrics
+
+
+def _without_none(value):
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value

@@ -74,7 +74,7 @@ def open_dataset(path: str | os.PathLike, argument: str = "IN.nc") -> xr.Dataset
         raise InputError(f"{argument}: expected an existing netCDF file, got {str(path)!r} (no such file)")
     try:
         return xr.open_dataset(path, decode_times=xr.coders.CFDatetimeCoder(use_cftime=True), chunks=_chunks())
-    except Exception as err:  # netCDF4/h5netcdf/scipy raise many types for a file that is not netCDF
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # what the netCDF engines raise for a file that is not netCDF
         raise InputError(f"{argument}: {str(path)!r} is not a readable netCDF file ({type(err).__name__}: {err})") from None
 
 

@@ -23,6 +23,10 @@ def _case_command(args) -> int:
     case = load_case(args.name, args.set)
     out = Path(args.out) if args.out else Path("runs") / case.name
     metrics = run_case(case, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    from .distributed import is_main
+
+    if not is_main():
+        return 0
     print(f"\ncase {case.name}: outputs in {out}/")
     for key in sorted(metrics):
         value = metrics[key]

@@ -5,6 +5,12 @@ next ``unroll`` states of the data (``unroll = 1`` is the one-step loss of fable
 runs Adam with an optional cosine schedule, then optionally refines with full-batch L-BFGS.
 A checkpoint is written after every epoch; ``resume=True`` continues from it and ends with the
 same weights, bit for bit, as a run that was never interrupted.
+
+Under ``torchrun`` (:mod:`geonn.distributed`) the Adam phase runs data-parallel: every global
+batch is sharded over the ranks, DistributedDataParallel all-reduces the gradients, and the
+result equals a one-process run with the same global batch up to floating-point summation order.
+The full-batch refinements run replicated (the same computation on every rank). Rank 0 writes
+the checkpoints and shows the progress bar; on resume every rank starts from rank 0's checkpoint.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import InputError, InputTypeError, describe
 from .integrators import GRADIENTS, RungeKuttaStep, rollout
-from .io import load_checkpoint, save_checkpoint
+from .io import load_checkpoint, remove_temporaries, save_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -67,8 +74,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "unroll", "refine_epochs", "refine_iterations", "seed"):
             value = getattr(self, name)
             minimum = 1 if name in ("batch_size", "unroll", "refine_iterations") else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise InputError(f"{name}: expected an integer >= {minimum}, got {describe(value)}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value >= 2**63:
+                raise InputError(f"{name}: expected an integer >= {minimum} (and < 2**63), got {describe(value)}")
         for name in ("learning_rate", "final_lr_fraction", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -140,19 +147,23 @@ def fit(
     Returns:
         :class:`FitResult` with the per-epoch history. ``model`` and ``step`` are trained in place.
     """
-    config = config or TrainConfig()
-    step = step or RungeKuttaStep("rk4")
+    config = TrainConfig() if config is None else config
+    step = RungeKuttaStep("rk4") if step is None else step
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model: expected a torch.nn.Module tendency, got {describe(model)}")
+    if not isinstance(config, TrainConfig):
+        raise InputTypeError(f"config: expected a geonn.training.TrainConfig, got {describe(config)}")
+    if not isinstance(step, RungeKuttaStep):
+        raise InputTypeError(f"step: expected a geonn.RungeKuttaStep, got {describe(step)}")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, Path)):
+        raise InputTypeError(f"checkpoint_dir: expected a folder path or None, got {describe(checkpoint_dir)}")
     if resume and checkpoint_dir is None:
         raise InputError("resume: resuming needs checkpoint_dir, got None")
     starts, targets = make_windows(trajectory, config.unroll)
     state_dim = getattr(model, "state_dim", None)
     if state_dim is not None and starts.shape[-1] != state_dim:
         raise InputError(f"trajectory: expected last dimension {state_dim} for the model, got {tuple(trajectory.shape)}")
-    if loss_scale is None:
-        loss_scale = trajectory.reshape(-1, trajectory.shape[-1]).std(dim=0)
-    loss_scale = torch.as_tensor(loss_scale, dtype=trajectory.dtype)
+    loss_scale = _loss_scale(loss_scale, trajectory)
 
     def batch_loss(idx):
         x0 = starts[idx]
@@ -161,6 +172,25 @@ def fit(
         return err.pow(2).mean()
 
     parameters = [p for p in [*model.parameters(), *step.parameters()] if p.requires_grad]
+    device = parameters[0].device if parameters else torch.device("cpu")
+    context = distributed.setup(device)
+    ddp = None
+    if context.distributed and parameters:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(_WindowLoss(model, step, config.unroll, dt, config.gradient, loss_scale),
+                                      device_ids=[device] if device.type == "cuda" else None)
+
+    def shard_loss(idx):
+        """This rank's share of the global batch's mean loss, and the global batch's mean loss."""
+        if ddp is None:
+            loss = batch_loss(idx)
+            return loss, loss.detach()
+        local = distributed.shard(idx, context)
+        denominator = idx.numel() * config.unroll * starts.shape[-1]
+        # DDP averages gradients over ranks: scale by world so the average is the global mean's gradient
+        loss = ddp(starts[local], targets[local], denominator / context.world)
+        return loss, distributed.all_reduce_sum(loss.detach()) / context.world
     adam = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     n_batches = math.ceil(starts.shape[0] / config.batch_size)
     total_adam_steps = max(1, config.epochs * n_batches)
@@ -178,8 +208,12 @@ def fit(
     result = FitResult()
     epoch = 0
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if resume and path.is_file():
-        state = load_checkpoint(path)
+    if path is not None and context.is_main:
+        remove_temporaries(path)  # what a run killed while writing its checkpoint left behind
+    state = load_checkpoint(path) if resume and context.is_main and path.is_file() else None
+    if context.distributed and resume:
+        state = distributed.broadcast_object(state)  # every rank starts from rank 0's checkpoint
+    if state is not None:
         _check_resumable(state, config, path)
         model.load_state_dict(state["model"])
         step.load_state_dict(state["step"])
@@ -194,7 +228,8 @@ def fit(
         result.resumed_from_epoch = epoch
 
     total_epochs = config.epochs + (config.refine_epochs if config.refine != "none" else 0)
-    bar = tqdm(total=total_epochs, initial=epoch, desc="fit", unit="epoch", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_epochs, initial=epoch, desc="fit", unit="epoch", disable=not (progress and context.is_main),
+               dynamic_ncols=True)
     try:
         while epoch < total_epochs:
             started = time.perf_counter()
@@ -204,11 +239,11 @@ def fit(
                 for b in range(n_batches):
                     idx = order[b * config.batch_size : (b + 1) * config.batch_size]
                     adam.zero_grad(set_to_none=True)
-                    loss = batch_loss(idx)
+                    loss, value = shard_loss(idx)
                     loss.backward()
                     adam.step()
                     scheduler.step()
-                    running += loss.item() * idx.numel()
+                    running += value.item() * idx.numel()
                 epoch_loss = running / starts.shape[0]
                 phase = "adam"
             else:
@@ -234,7 +269,7 @@ def fit(
             epoch += 1
             result.train_seconds += time.perf_counter() - started
             result.history.append({"epoch": epoch, "loss": epoch_loss, "phase": phase, "lr": adam.param_groups[0]["lr"]})
-            if path is not None:
+            if path is not None and context.is_main:
                 save_checkpoint(
                     {
                         "format": CHECKPOINT_FORMAT,
@@ -251,11 +286,49 @@ def fit(
                     },
                     path,
                 )
+            distributed.barrier()  # no rank runs ahead of the last complete checkpoint
             bar.set_postfix(loss=f"{epoch_loss:.3e}", phase=phase)
             bar.update(1)
     finally:
         bar.close()
     return result
+
+
+def _loss_scale(loss_scale, trajectory: torch.Tensor) -> torch.Tensor:
+    """The per-component error scale ``(state_dim,)``: given, or the data's std; positive and finite."""
+    d = trajectory.shape[-1]
+    if loss_scale is None:
+        scale = trajectory.reshape(-1, d).std(dim=0)
+        constant = (~(scale > 0) | ~torch.isfinite(scale)).nonzero().flatten().tolist()
+        if constant:
+            raise InputError(
+                f"trajectory: components {constant} do not vary (std 0) or overflow, so the default loss_scale "
+                "(the data's std) cannot weigh their errors; pass loss_scale"
+            )
+        return scale
+    if not isinstance(loss_scale, torch.Tensor):
+        try:
+            loss_scale = torch.as_tensor(loss_scale, dtype=trajectory.dtype)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputTypeError(f"loss_scale: expected a tensor of shape ({d},), got {describe(loss_scale)}") from None
+    scale = loss_scale.to(trajectory.dtype)
+    if scale.shape not in ((), (1,), (d,)) or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise InputError(f"loss_scale: expected positive finite values of shape ({d},), got {describe(loss_scale)}")
+    return scale
+
+
+class _WindowLoss(nn.Module):
+    """Sum of squared scaled rollout errors over windows, divided by ``denominator`` (for DDP)."""
+
+    def __init__(self, model, step, unroll, dt, gradient, loss_scale):
+        super().__init__()
+        self.model, self.step = model, step
+        self.unroll, self.dt, self.gradient = unroll, dt, gradient
+        self.register_buffer("loss_scale", loss_scale, persistent=False)
+
+    def forward(self, x0, target, denominator: float):
+        pred = rollout(self.model, x0, self.unroll, self.dt, self.step, gradient=self.gradient)[1:]
+        return ((pred.transpose(0, 1) - target) / self.loss_scale).pow(2).sum() / denominator
 
 
 class _Rollout(nn.Module):

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import distributed
 from ..errors import ConfigError
 from ..io import write_json, write_text
 from .config import apply_overrides, build, read_toml, to_toml
@@ -102,13 +103,36 @@ def prepare_output(out: Path, config_text: str, *, overwrite: bool, resume: bool
 
 
 def run_case(case, out: str | Path, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
-    """Run a loaded case into ``out``; returns its metrics (also written to ``out/metrics.json``)."""
+    """Run a loaded case into ``out``; returns its metrics (also written to ``out/metrics.json``).
+
+    Under ``torchrun`` every rank runs the case (training is data-parallel, see
+    :mod:`geonn.distributed`); rank 0 alone writes into ``out``, the other ranks write their copies
+    of the outputs into a temporary folder that is removed at the end.
+    """
     out = Path(out)
+    context = distributed.setup("cpu")
     text = to_toml(case)
-    prepare_output(out, text, overwrite=overwrite, resume=resume)
+    problem = None
+    if context.is_main:
+        try:
+            prepare_output(out, text, overwrite=overwrite, resume=resume)
+        except ConfigError as err:
+            problem = err
+    if context.distributed and distributed.broadcast_object(None if problem is None else str(problem)) is not None:
+        raise problem if problem is not None else ConfigError("--out: rank 0 refused the output folder (see its message)")
+    if problem is not None:
+        raise problem
+    if not context.is_main:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"geonn-rank{context.rank}-") as scratch:
+            metrics = _kind(case.kind).run(case, Path(scratch), resume=resume, progress=False)
+        distributed.barrier()
+        return metrics
     write_text(out / "config.toml", text)
     metrics = _kind(case.kind).run(case, out, resume=resume, progress=progress)
     write_json(metrics, out / "metrics.json")
+    distributed.barrier()
     return metrics
 
 

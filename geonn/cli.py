@@ -64,7 +64,7 @@ def _fields_command(args) -> int:
 
     options = make_options(args.verb, **{name: getattr(args, name) for name in _FIELD_OPTIONS[args.verb]})
     metrics = run_verb(args.verb, args.input, args.var, options, args.out, train_fraction=args.train_fraction,
-                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, stream=args.stream or None)
     print(f"fields {args.verb}: outputs in {args.out}/")
     for key in sorted(metrics):
         value = metrics[key]
@@ -82,7 +82,7 @@ def _add_fields_parser(sub) -> None:
     }
     for verb, text in helps.items():
         p = verbs.add_parser(verb, help=text, description=text)
-        p.add_argument("input", metavar="IN.nc", help="netCDF file")
+        p.add_argument("input", metavar="IN.nc", help="netCDF file, or a quoted glob pattern over many ('data/*.nc')")
         p.add_argument("--var", required=True, metavar="V", help="the variable (needs time, latitude, longitude dims)")
         p.add_argument("--train-fraction", type=float, default=0.8, metavar="F",
                        help="share of the time axis, from the start, used for training (default 0.8); the rest is scored")
@@ -91,6 +91,8 @@ def _add_fields_parser(sub) -> None:
         p.add_argument("--overwrite", action="store_true", help="replace the outputs already in --out")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.add_argument("--epochs", type=int, help="training epochs of the learned model (default: its own)")
+        p.add_argument("--stream", action="store_true",
+                       help="read the variable in blocks of time steps, never whole (automatic above 2 GiB; reduce --method eof)")
         if verb == "reduce":
             p.add_argument("--modes", type=int, required=True, metavar="K", help="number of latent modes")
             p.add_argument("--method", default="eof", choices=("eof", "autoencoder"), help="the reducer (default eof)")

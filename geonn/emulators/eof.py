@@ -151,3 +151,76 @@ class EOFReducer:
             raise InputError(f"state: expected {self.modes} modes (components of shape ({self.modes}, points)), got {tuple(state['components'].shape)}")
         self._state = {key: state[key].clone() for key in _STATE_KEYS}
         return self
+
+
+def fit_eof_blocks(blocks, modes: int, weights: torch.Tensor, used: torch.Tensor, *, oversample: int = 10,
+                   power_iterations: int = 3, seed: int = 0) -> EOFReducer:
+    """EOFs of data too large for memory, by a randomised SVD over passes of time blocks (halko2011).
+
+    The weighted training matrix ``A = x * sqrt(w)`` (``time x used points``; ``x`` anomalies
+    whose training mean is zero, e.g. from :class:`geonn.fields.Normaliser`) is never formed: each
+    pass streams its time blocks once, computing ``A @ Q`` or ``A.T @ Q`` for ``modes + oversample``
+    vectors. ``power_iterations`` sharpen the leading subspace (error shrinks like
+    ``(s_{K+p+1} / s_K)^(2q+1)``); the whole fit reads the training data ``2 q + 2`` times.
+
+    Args:
+        blocks: a callable returning a fresh iterator of ``(steps, values, mask)`` over the
+            training time steps in order (:func:`geonn.fields.blocks.time_blocks` after normalising),
+            ``values`` of shape ``(block, *field_shape)``.
+        modes: K.
+        weights: area weights broadcastable to ``field_shape``.
+        used: bool ``field_shape``: the points valid at every training time (others left out).
+        oversample, power_iterations, seed: the randomised SVD's settings.
+
+    Returns:
+        A fitted :class:`EOFReducer` (``center`` off: the anomalies are taken as centred).
+    """
+    field_shape = tuple(used.shape)
+    sqrt_weights = torch.broadcast_to(weights.to(torch.float64), field_shape).sqrt()
+    used = used & (sqrt_weights > 0)
+    flat_used = used.flatten()
+    n_used = int(flat_used.sum())
+    width = min(modes + oversample, n_used)
+    if modes > n_used:
+        raise InputError(f"modes: expected at most the {n_used} points valid at every training time, got {modes}")
+    generator = torch.Generator().manual_seed(seed)
+    sw = sqrt_weights.flatten()[flat_used]
+
+    def rows(values):
+        return values.detach().to(torch.float64).reshape(values.shape[0], -1)[:, flat_used] * sw
+
+    def times_matrix(right):  # A @ right: (time, width)
+        return torch.cat([rows(values) @ right for _, values, _ in blocks()])
+
+    def transpose_times(left):  # A.T @ left: (points, width)
+        total, start = torch.zeros(n_used, left.shape[1], dtype=torch.float64), 0
+        for _, values, _ in blocks():
+            a = rows(values)
+            total += a.T @ left[start:start + a.shape[0]]
+            start += a.shape[0]
+        return total
+
+    y = times_matrix(torch.randn(n_used, width, generator=generator, dtype=torch.float64))
+    if y.shape[0] < modes:
+        raise InputError(f"modes: expected at most the {y.shape[0]} training time steps, got {modes}")
+    for _ in range(power_iterations):
+        q, _ = torch.linalg.qr(y)
+        z, _ = torch.linalg.qr(transpose_times(q))
+        y = times_matrix(z)
+    q, _ = torch.linalg.qr(y)
+    b = torch.zeros(q.shape[1], n_used, dtype=torch.float64)
+    total_variance, start = torch.zeros(1, dtype=torch.float64), 0
+    for _, values, _ in blocks():
+        a = rows(values)
+        b += q[start:start + a.shape[0]].T @ a
+        total_variance += a.pow(2).sum()
+        start += a.shape[0]
+    _, singular_values, vh = torch.linalg.svd(b, full_matrices=False)
+    components = vh[:modes]
+    largest = components.gather(1, components.abs().argmax(1, keepdim=True))
+    components = components * torch.sign(largest).where(largest != 0, torch.ones_like(largest))
+    reducer = EOFReducer(modes, center=False)
+    return reducer.load_state_dict({
+        "components": components, "singular_values": singular_values[:modes].clone(), "total_variance": total_variance,
+        "mean": torch.zeros(field_shape, dtype=torch.float64), "sqrt_weights": sqrt_weights.clone(), "used": used,
+    })

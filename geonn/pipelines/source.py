@@ -1,7 +1,13 @@
-"""Open one variable of a netCDF file as training and held-out tensors, with every check up front."""
+"""Open one variable of a netCDF file (or of many) as training and held-out tensors, with every check up front.
+
+A variable that fits in memory is loaded (:class:`FieldData`); a larger one (or any, with
+``stream=True``) stays dask-backed and is read a block of time steps at a time
+(:class:`StreamedField`): its normalisation statistics are computed out of core.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +73,40 @@ class FieldData:
         }
 
 
+STREAM_ABOVE_BYTES = 2 * 1024**3  # variables larger than this are streamed unless told otherwise
+_ENGINE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError)  # what the netCDF engines raise on a bad file
+
+
+def input_files(path: str | os.PathLike, argument: str = "IN.nc") -> list[Path]:
+    """The files ``path`` names: one file, or every file matching a glob pattern (``data/*.nc``), sorted."""
+    text = os.fspath(path)
+    if glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(text))
+        if not files:
+            raise InputError(f"{argument}: expected netCDF files matching {text!r}, got none")
+        return files
+    if not Path(text).is_file():
+        raise InputError(f"{argument}: expected an existing netCDF file, got {text!r} (no such file)")
+    return [Path(text)]
+
+
 def open_dataset(path: str | os.PathLike, argument: str = "IN.nc") -> xr.Dataset:
-    """Open a netCDF file lazily (dask chunks where dask is installed), cftime for any calendar."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{argument}: expected an existing netCDF file, got {str(path)!r} (no such file)")
+    """Open a netCDF file, or the files matching a glob pattern, lazily; cftime for any calendar.
+
+    Several files are combined along their coordinates with ``xr.open_mfdataset`` (one dask
+    chunk per file); one file gets dask chunks where dask is installed.
+    """
+    files = input_files(path, argument)
+    decode = xr.coders.CFDatetimeCoder(use_cftime=True)
     try:
-        return xr.open_dataset(path, decode_times=xr.coders.CFDatetimeCoder(use_cftime=True), chunks=_chunks())
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # what the netCDF engines raise for a file that is not netCDF
-        raise InputError(f"{argument}: {str(path)!r} is not a readable netCDF file ({type(err).__name__}: {err})") from None
+        if len(files) == 1:
+            return xr.open_dataset(files[0], decode_times=decode, chunks=_chunks())
+        return xr.open_mfdataset(files, decode_times=decode, combine="by_coords", data_vars="minimal", coords="minimal",
+                                 compat="override", parallel=False)
+    except ImportError as err:
+        raise InputError(f"{argument}: reading several files needs dask: pip install dask ({err})") from None
+    except _ENGINE_ERRORS as err:
+        raise InputError(f"{argument}: {str(path)!r} is not a readable netCDF file or collection ({type(err).__name__}: {err})") from None
 
 
 def _chunks():
@@ -86,7 +117,52 @@ def _chunks():
     return {}
 
 
-def open_field(path: str | os.PathLike, var: str, train_fraction: float = 0.8, *, scale: str | None = "global") -> FieldData:
+@dataclass
+class StreamedField:
+    """A variable too large for memory: dask-backed, read in blocks of time steps.
+
+    Attributes as :class:`FieldData` where they are small (grid, split, weights, groups, the
+    normaliser fitted out of core); ``blocks(times)`` yields ``(steps, values, mask)`` tensors of
+    at most ``block`` time steps, and ``anomaly_blocks(times)`` the normalised values.
+    """
+
+    path: Path
+    var: str
+    da: xr.DataArray
+    grid: Grid
+    split: TimeSplit
+    weights: torch.Tensor
+    groups: torch.Tensor
+    normaliser: Normaliser
+    block: int = 64
+
+    units = FieldData.units
+    n_train = FieldData.n_train
+    n_test = FieldData.n_test
+
+    @property
+    def n_valid_train(self) -> torch.Tensor:
+        """``(channel, lat, lon)``: the number of training steps at which each point is valid."""
+        return self.normaliser.counts.sum(0)
+
+    def blocks(self, times: slice):
+        from ..fields.blocks import time_blocks
+
+        return time_blocks(self.da, self.grid, times, self.block)
+
+    def anomaly_blocks(self, times: slice):
+        for steps, values, mask in self.blocks(times):
+            yield steps, self.normaliser.transform(values, mask, self.groups[steps]), mask
+
+    def describe(self) -> dict:
+        return {
+            "input": str(self.path), "var": self.var, "dims": list(self.grid.dims), "shape": list(self.grid.sizes),
+            "units": self.units, "n_train": self.n_train, "n_test": self.n_test, "streamed": True, "block": self.block,
+        }
+
+
+def open_field(path: str | os.PathLike, var: str, train_fraction: float = 0.8, *, scale: str | None = "global",
+               stream: bool | None = None, block: int = 64) -> FieldData | StreamedField:
     """Read ``var`` from ``path`` and prepare it for a verb.
 
     Args:
@@ -96,6 +172,9 @@ def open_field(path: str | os.PathLike, var: str, train_fraction: float = 0.8, *
         train_fraction: the share of the time axis (from the start) used for training, in (0, 1);
             the rest is held out for the scores.
         scale: the normaliser's scale (see :class:`geonn.fields.Normaliser`).
+        stream: read the variable in blocks of ``block`` time steps instead of loading it
+            (:class:`StreamedField`); ``None``: stream when it is larger than 2 GiB.
+        block: time steps per block when streaming.
 
     Raises:
         InputError: a missing or unreadable file, a missing variable (the message lists the
@@ -124,6 +203,10 @@ def open_field(path: str | os.PathLike, var: str, train_fraction: float = 0.8, *
             f"--var {var}: too few time steps to split: {n_times} along {grid.time!r} with --train-fraction {train_fraction}; "
             f"expected at least {MIN_TRAIN_STEPS} training and {MIN_TEST_STEPS} held-out steps"
         )
+    if stream is None:
+        stream = da.nbytes > STREAM_ABOVE_BYTES
+    if stream:
+        return _streamed(path, var, da, grid, split, scale, block)
     da = da.load()
     values, mask, grid = to_tensor(da, grid, dtype=torch.float32)
     if not bool(mask[split.train].any()):
@@ -135,3 +218,18 @@ def open_field(path: str | os.PathLike, var: str, train_fraction: float = 0.8, *
     normaliser = Normaliser(scale=scale).fit(values, mask, split.train, groups)
     anomalies = normaliser.transform(values, mask, groups)
     return FieldData(Path(path), var, da, grid, values, mask, split, weights, groups, normaliser, anomalies)
+
+
+def _streamed(path, var, da, grid, split, scale, block) -> StreamedField:
+    from ..fields.blocks import fit_normaliser
+
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise InputError(f"block: expected an int >= 1, got {block!r}")
+    groups = calendar_groups(da, grid=grid)
+    try:
+        normaliser = fit_normaliser(Normaliser(scale=scale), da, grid, split.train, groups, block)
+    except InputError:
+        raise InputError(f"--var {var}: every value in the training part is missing (NaN)") from None
+    if bool((normaliser.climatology.abs() > 1e30).any()):
+        raise InputError(f"--var {var}: values beyond 1e30 (an undeclared fill value?); set _FillValue/missing_value in the file")
+    return StreamedField(Path(path), var, da, grid, split, area_weights(grid), groups, normaliser, block)

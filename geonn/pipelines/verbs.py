@@ -12,7 +12,7 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, InputError
 from ..io import check_output_folder, staged_folder, write_json, write_text
-from .source import open_field
+from .source import StreamedField, open_field
 
 # verb -> module defining ``Options`` (a dataclass) and ``run(data, options, folder, *, seed, progress) -> metrics``
 VERBS = {
@@ -38,8 +38,13 @@ def make_options(verb: str, **values):
     return cls(**{k: v for k, v in values.items() if v is not None})
 
 
+# verb -> the function that runs it on a variable larger than memory (StreamedField)
+STREAMED = {"reduce": "geonn.pipelines.streaming:reduce_streamed"}
+
+
 def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | os.PathLike, *,
-             train_fraction: float = 0.8, seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
+             train_fraction: float = 0.8, seed: int = 0, overwrite: bool = False, progress: bool = True,
+             stream: bool | None = None) -> dict:
     """Run ``verb`` on variable ``var`` of ``path``; write its outputs into ``out``.
 
     Everything is checked before training starts (file, variable, dimensions, split, options,
@@ -48,16 +53,29 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
     verb's netCDF outputs, ``model.pt`` (its fitted state, weights-only), ``config.toml`` (the
     resolved settings), ``figures/*.png`` and, written last, ``metrics.json``.
 
+    ``path`` may be a glob pattern over many files (``data/*.nc``). A variable larger than 2 GiB
+    (or any, with ``stream=True``) is read a block of time steps at a time; verbs without an
+    out-of-core path (:data:`STREAMED`) then refuse it with a clear message.
+
     Returns:
         The metrics (flat floats and strings).
     """
+    if stream and verb not in STREAMED:
+        raise InputError(f"--stream: {verb} needs the variable in memory; out-of-core runs exist for {sorted(STREAMED)}")
     module = verb_module(verb)
     if not isinstance(options, module.Options):
         raise InputError(f"options: expected {module.Options.__name__} for {verb}, got {type(options).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"--seed: expected an int, got {seed!r}")
     out = check_output_folder(out, overwrite)
-    data = open_field(path, var, train_fraction)
+    data = open_field(path, var, train_fraction, stream=stream)
+    runner = module.run
+    if isinstance(data, StreamedField):
+        if verb not in STREAMED:
+            raise InputError(f"IN.nc: {var} is larger than memory allows ({data.da.nbytes / 1024**3:.1f} GiB); {verb} needs it "
+                             f"in memory, out-of-core runs exist for {sorted(STREAMED)}")
+        module_name, _, name = STREAMED[verb].partition(":")
+        runner = getattr(importlib.import_module(module_name), name)
     resolved = {"geonn": __version__, "verb": verb, "seed": seed, "train_fraction": float(train_fraction),
                 **data.describe(), verb: _without_none(dataclasses.asdict(options))}
     torch.manual_seed(seed)
@@ -67,7 +85,7 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
         write_text(stage / "config.toml", tomli_w.dumps(resolved))
         (stage / "figures").mkdir()
         start = time.perf_counter()
-        metrics = module.run(data, options, stage, seed=seed, progress=progress)
+        metrics = runner(data, options, stage, seed=seed, progress=progress)
         metrics = {"verb": verb, **metrics, "seconds": time.perf_counter() - start}
         write_json(metrics, stage / "metrics.json")
     return metrics

@@ -90,19 +90,19 @@ def input_files(path: str | os.PathLike, argument: str = "IN.nc") -> list[Path]:
     return [Path(text)]
 
 
-def open_dataset(path: str | os.PathLike, argument: str = "IN.nc") -> xr.Dataset:
+def open_dataset(path: str | os.PathLike, argument: str = "IN.nc", chunks: dict | None = None) -> xr.Dataset:
     """Open a netCDF file, or the files matching a glob pattern, lazily; cftime for any calendar.
 
     Several files are combined along their coordinates with ``xr.open_mfdataset`` (one dask
-    chunk per file); one file gets dask chunks where dask is installed.
+    chunk per file unless ``chunks`` says otherwise); one file gets dask chunks where dask is installed.
     """
     files = input_files(path, argument)
     decode = xr.coders.CFDatetimeCoder(use_cftime=True)
     try:
         if len(files) == 1:
-            return xr.open_dataset(files[0], decode_times=decode, chunks=_chunks())
+            return xr.open_dataset(files[0], decode_times=decode, chunks=_chunks() if chunks is None else chunks)
         return xr.open_mfdataset(files, decode_times=decode, combine="by_coords", data_vars="minimal", coords="minimal",
-                                 compat="override", parallel=False)
+                                 compat="override", parallel=False, chunks=chunks)
     except ImportError as err:
         raise InputError(f"{argument}: reading several files needs dask: pip install dask ({err})") from None
     except _ENGINE_ERRORS as err:
@@ -206,6 +206,8 @@ def open_field(path: str | os.PathLike, var: str, train_fraction: float = 0.8, *
     if stream is None:
         stream = da.nbytes > STREAM_ABOVE_BYTES
     if stream:
+        # reopen with dask chunks of `block` whole fields, so each block reads just its steps from disk
+        da = open_dataset(path, chunks={grid.time: block, grid.lat: -1, grid.lon: -1})[var]
         return _streamed(path, var, da, grid, split, scale, block)
     da = da.load()
     values, mask, grid = to_tensor(da, grid, dtype=torch.float32)

@@ -115,5 +115,8 @@ def _write_reconstruction(data: StreamedField, reducer, path: Path, modes: int) 
         if name != data.var:
             ds[name].encoding = {k: v for k, v in ds[name].encoding.items() if k in ("dtype", "units", "calendar", "_FillValue")}
     ds[data.var].encoding = encoding
-    write_netcdf(ds, path)
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):  # one block in flight: memory holds a block, not one per thread
+        write_netcdf(ds, path)
 

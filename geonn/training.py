@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .errors import InputError, InputTypeError, describe
+from .errors import InputError, InputTypeError, NonFiniteError, describe
 from .integrators import GRADIENTS, RungeKuttaStep, rollout
 from .io import load_checkpoint, remove_temporaries, save_checkpoint
 
@@ -105,7 +105,9 @@ def make_windows(trajectory: torch.Tensor, unroll: int) -> tuple[torch.Tensor, t
     """Cut trajectories ``(time, ..., D)`` into starts ``(S, D)`` and targets ``(S, unroll, D)``."""
     if not isinstance(trajectory, torch.Tensor) or not trajectory.is_floating_point():
         raise InputTypeError(f"trajectory: expected a floating-point tensor (time, ..., state_dim), got {describe(trajectory)}")
-    if trajectory.dim() < 2 or trajectory.shape[0] <= unroll:
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise InputError(f"unroll: expected an integer >= 1, got {describe(unroll)}")
+    if trajectory.dim() < 2 or trajectory.shape[0] <= unroll or trajectory.numel() == 0:
         raise InputError(
             f"trajectory: expected shape (time, ..., state_dim) with more than unroll={unroll} times, got {tuple(trajectory.shape)}"
         )
@@ -167,7 +169,13 @@ def fit(
 
     def batch_loss(idx):
         x0 = starts[idx]
-        pred = rollout(model, x0, config.unroll, dt, step, gradient=config.gradient)[1:]  # (unroll, B, D)
+        try:
+            pred = rollout(model, x0, config.unroll, dt, step, gradient=config.gradient)[1:]  # (unroll, B, D)
+        except NonFiniteError as diverged:
+            raise NonFiniteError(
+                f"training diverged at epoch {epoch}: the model's rollout became non-finite at step {diverged.step} of "
+                "a window; lower learning_rate or check the data", step=diverged.step, time=diverged.time,
+            ) from None
         err = (pred.transpose(0, 1) - targets[idx]) / loss_scale
         return err.pow(2).mean()
 
@@ -339,7 +347,7 @@ class _Rollout(nn.Module):
         self.model, self.step, self.unroll, self.dt = model, step, unroll, dt
 
     def forward(self, x):
-        t = torch.zeros((), dtype=x.dtype)
+        t = torch.zeros((), dtype=x.dtype, device=x.device)
         states = []
         for _ in range(self.unroll):
             x = self.step(self.model, t, x, self.dt)
@@ -393,7 +401,7 @@ def _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, max_evalu
         improved = False
         while evaluations < max_evaluations:
             augmented = torch.cat((jac, math.sqrt(damping) * torch.diag(scale)))
-            rhs = torch.cat((-r, torch.zeros(n_params, dtype=r.dtype)))
+            rhs = torch.cat((-r, torch.zeros(n_params, dtype=r.dtype, device=r.device)))
             q, upper = torch.linalg.qr(augmented)  # Householder QR: repeatable bit for bit (lstsq's gelsy is not, here)
             delta = torch.linalg.solve_triangular(upper, (q.T @ rhs).unsqueeze(-1), upper=True).squeeze(-1)
             trial = theta + delta

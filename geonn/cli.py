@@ -64,7 +64,7 @@ def _fields_command(args) -> int:
 
     options = make_options(args.verb, **{name: getattr(args, name) for name in _FIELD_OPTIONS[args.verb]})
     metrics = run_verb(args.verb, args.input, args.var, options, args.out, train_fraction=args.train_fraction,
-                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, stream=args.stream or None)
+                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, stream=args.stream or None, resume=args.resume)
     print(f"fields {args.verb}: outputs in {args.out}/")
     for key in sorted(metrics):
         value = metrics[key]
@@ -90,6 +90,8 @@ def _add_fields_parser(sub) -> None:
         p.add_argument("--out", required=True, metavar="DIR", help="output folder (written whole at the end, or not at all)")
         p.add_argument("--overwrite", action="store_true", help="replace the outputs already in --out")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its checkpoints (kept in .DIR.checkpoints beside --out)")
         p.add_argument("--epochs", type=int, help="training epochs of the learned model (default: its own)")
         p.add_argument("--stream", action="store_true",
                        help="read the variable in blocks of time steps, never whole (automatic above 2 GiB; reduce --method eof)")

@@ -72,3 +72,49 @@ def explained_variance(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tens
     if not bool(total > 0):
         raise InputError("truth: expected some variance over time at valid, weighted points, got none")
     return 1 - (weight * (pred - truth).pow(2)).sum() / total
+
+
+def anomaly_correlation(pred: torch.Tensor, truth: torch.Tensor, climatology: torch.Tensor | float | None = None,
+                        mask: torch.Tensor | None = None, weights: torch.Tensor | None = None, *,
+                        per_time: bool = False) -> torch.Tensor:
+    """Area-weighted anomaly correlation coefficient (ACC) of each time step, averaged over time.
+
+    With ``a = pred - climatology`` and ``b = truth - climatology`` (anomalies from a training
+    climatology), ``acc_t = sum w m a b / sqrt(sum w m a^2 * sum w m b^2)`` over channels and
+    points, uncentred (the spatial mean anomaly is kept, as in WeatherBench, rasp2020); the result
+    is the mean of ``acc_t`` over the time steps where it is defined (some valid point, and neither
+    anomaly zero everywhere), or the vector (NaN where undefined) when ``per_time``. Dimensionless,
+    in [-1, 1].
+
+    Args:
+        pred, truth: ``(time, channel, lat, lon)``.
+        climatology: broadcastable to them (e.g. ``(1, channel, lat, lon)``, or per time step for
+            a seasonal climatology); ``None`` or 0 when ``pred`` and ``truth`` already are anomalies.
+        mask: bool, broadcastable (True = valid); masked points count for nothing.
+        weights: area weights broadcastable to the fields, e.g. :func:`geonn.fields.area_weights`.
+
+    Example:
+        >>> anomaly_correlation(forecast, truth, climatology, mask, area_weights(grid))
+    """
+    pred, truth, weight = _inputs(pred, truth, mask, weights)
+    if climatology is not None:
+        if isinstance(climatology, (int, float)):
+            climatology = torch.tensor(float(climatology), dtype=torch.float64)
+        if not isinstance(climatology, torch.Tensor):
+            raise InputError(f"climatology: expected a tensor broadcastable to {tuple(truth.shape)}, a number or None, got {describe(climatology)}")
+        try:
+            climatology = torch.broadcast_to(climatology.to(torch.float64), truth.shape)
+        except RuntimeError:
+            raise InputError(f"climatology: expected a shape broadcastable to {tuple(truth.shape)}, got {tuple(climatology.shape)}") from None
+        pred, truth = pred - climatology, truth - climatology
+    valid = weight > 0  # masked entries may hold anything, NaN included
+    pred, truth = torch.where(valid, pred, 0), torch.where(valid, truth, 0)
+    covariance = (weight * pred * truth).sum((1, 2, 3))
+    norms = (weight * pred.pow(2)).sum((1, 2, 3)) * (weight * truth.pow(2)).sum((1, 2, 3))
+    acc = torch.where(norms > 0, covariance / norms.clamp_min(1e-300).sqrt(), float("nan"))
+    if per_time:
+        return acc
+    defined = norms > 0
+    if not bool(defined.any()):
+        raise InputError("pred/truth: expected some time step with non-zero anomalies at valid, weighted points, got none")
+    return acc[defined].mean()

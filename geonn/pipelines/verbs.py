@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
+import shutil
 import time
 
 import torch
@@ -44,7 +46,7 @@ STREAMED = {"reduce": "geonn.pipelines.streaming:reduce_streamed"}
 
 def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | os.PathLike, *,
              train_fraction: float = 0.8, seed: int = 0, overwrite: bool = False, progress: bool = True,
-             stream: bool | None = None) -> dict:
+             stream: bool | None = None, resume: bool = False) -> dict:
     """Run ``verb`` on variable ``var`` of ``path``; write its outputs into ``out``.
 
     Everything is checked before training starts (file, variable, dimensions, split, options,
@@ -56,6 +58,11 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
     ``path`` may be a glob pattern over many files (``data/*.nc``). A variable larger than 2 GiB
     (or any, with ``stream=True``) is read a block of time steps at a time; verbs without an
     out-of-core path (:data:`STREAMED`) then refuse it with a clear message.
+
+    Training checkpoints go to a hidden folder beside ``out`` (``.OUT.checkpoints``), outside the
+    staged outputs, so a run that is killed or fails keeps them: ``resume=True`` (``--resume``)
+    continues from them and ends with the weights of an uninterrupted run. The folder is removed
+    once ``out`` is complete.
 
     Returns:
         The metrics (flat floats and strings).
@@ -78,16 +85,29 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
         runner = getattr(importlib.import_module(module_name), name)
     resolved = {"geonn": __version__, "verb": verb, "seed": seed, "train_fraction": float(train_fraction),
                 **data.describe(), verb: _without_none(dataclasses.asdict(options))}
+    checkpoints = out.absolute().parent / f".{out.name}.checkpoints"
+    if checkpoints.exists() and not resume:
+        shutil.rmtree(checkpoints)  # a failed run's checkpoints: starting afresh, as asked
+    extra = {}
+    if "checkpoints" in inspect.signature(runner).parameters:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        extra = {"checkpoints": checkpoints, "resume": resume}
     torch.manual_seed(seed)
-    with staged_folder(out, overwrite) as stage:
-        import tomli_w
+    try:
+        with staged_folder(out, overwrite) as stage:
+            import tomli_w
 
-        write_text(stage / "config.toml", tomli_w.dumps(resolved))
-        (stage / "figures").mkdir()
-        start = time.perf_counter()
-        metrics = runner(data, options, stage, seed=seed, progress=progress)
-        metrics = {"verb": verb, **metrics, "seconds": time.perf_counter() - start}
-        write_json(metrics, stage / "metrics.json")
+            write_text(stage / "config.toml", tomli_w.dumps(resolved))
+            (stage / "figures").mkdir()
+            start = time.perf_counter()
+            metrics = runner(data, options, stage, seed=seed, progress=progress, **extra)
+            metrics = {"verb": verb, **metrics, "seconds": time.perf_counter() - start}
+            write_json(metrics, stage / "metrics.json")
+    except BaseException:
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()  # failed before any checkpoint: leave nothing behind
+        raise
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return metrics
 
 

@@ -10,11 +10,11 @@ __version__ = "0.1.0"
 
 from .dynamics import Lorenz63, Lorenz96, simulate
 from .errors import ConfigError, GeonnError, InputError, InputTypeError, NonFiniteError, NotFittedError
-from .integrators import ButcherTableau, RungeKuttaStep, get_tableau, integrate, rollout
+from .integrators import ButcherTableau, RungeKuttaStep, diverged_members, get_tableau, integrate, rollout
 from .operators import MLP, BilinearResidual, PeriodicConv1d, Standardised
 
 __all__ = [
     "MLP", "BilinearResidual", "ButcherTableau", "ConfigError", "GeonnError", "InputError", "InputTypeError",
     "Lorenz63", "Lorenz96", "NonFiniteError", "NotFittedError", "PeriodicConv1d", "RungeKuttaStep", "Standardised",
-    "__version__", "get_tableau", "integrate", "rollout", "simulate",
+    "__version__", "diverged_members", "get_tableau", "integrate", "rollout", "simulate",
 ]

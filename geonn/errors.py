@@ -37,6 +37,14 @@ class NotFittedError(GeonnError, RuntimeError):
     """A learned component was used before it was fitted."""
 
 
+class WriteError(GeonnError, OSError):
+    """A file or folder could not be written (disk full, no permission, ...).
+
+    The message names the path and the system's reason; ``errno`` is the original one. Nothing
+    partial is left under the path: an earlier file of that name is unchanged.
+    """
+
+
 def describe(value) -> str:
     """A short description of ``value`` for error messages: type, and shape/dtype for arrays."""
     shape = getattr(value, "shape", None)

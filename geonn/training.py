@@ -180,6 +180,8 @@ def fit(
         return err.pow(2).mean()
 
     parameters = [p for p in [*model.parameters(), *step.parameters()] if p.requires_grad]
+    if not parameters:
+        raise InputError(f"model: expected trainable parameters (a learned operator), got none in {type(model).__name__} or its step")
     device = parameters[0].device if parameters else torch.device("cpu")
     context = distributed.setup(device)
     ddp = None
@@ -314,6 +316,8 @@ def _loss_scale(loss_scale, trajectory: torch.Tensor) -> torch.Tensor:
                 "(the data's std) cannot weigh their errors; pass loss_scale"
             )
         return scale
+    if isinstance(loss_scale, torch.Tensor) and (loss_scale.is_complex() or loss_scale.dtype == torch.bool):
+        raise InputTypeError(f"loss_scale: expected a real tensor of shape ({d},), got {describe(loss_scale)}")
     if not isinstance(loss_scale, torch.Tensor):
         try:
             loss_scale = torch.as_tensor(loss_scale, dtype=trajectory.dtype)

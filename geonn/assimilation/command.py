@@ -209,7 +209,15 @@ def _reference_model(name: str, state_dim: int, attrs: dict) -> Model:
         names = ("sigma", "rho", "beta") if name == "lorenz63" else ("forcing", "n")
         for key in names:
             if f"model_{key}" in attrs:
-                value = np.asarray(attrs[f"model_{key}"]).reshape(-1)[0]
+                given = attrs[f"model_{key}"]
+                try:
+                    (value,) = np.asarray(given, dtype=np.float64).reshape(-1)
+                except (TypeError, ValueError):
+                    value = math.nan
+                if not math.isfinite(value) or (key == "n" and value != int(value)):
+                    text = repr(given) if len(repr(given)) <= 80 else repr(given)[:77] + "..."
+                    raise InputError(f"--model {name}: the observation file's attribute model_{key} must be one "
+                                     f"{'integer' if key == 'n' else 'finite number'}, got {text}")
                 parameters[key] = int(value) if key == "n" else float(value)
     if name == "lorenz96":
         if parameters.get("n", state_dim) != state_dim:
@@ -393,12 +401,18 @@ def read_truth(path: str | os.PathLike, times: torch.Tensor, state_dim: int) -> 
             da = ds[name]
             if set(da.dims) != {"time", "component"}:
                 raise InputError(f"--truth {str(path)!r}: expected {name}(time, component), got dims {da.dims}")
+            if "time" not in ds.variables or ds["time"].dtype.kind not in "fiu" or da.dtype.kind not in "fiu":
+                raise InputError(f"--truth {str(path)!r}: expected numeric {name}(time, component) and numeric times "
+                                 "(model time units)")
             values = np.asarray(da.transpose("time", "component").values, dtype=np.float64)
             file_times = np.asarray(ds["time"].values, dtype=np.float64)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:  # what the netCDF engines raise for a non-netCDF file
         if isinstance(err, InputError):
             raise
         raise InputError(f"--truth {str(path)!r}: not a readable netCDF file ({err})") from None
+    if file_times.size == 0 or not np.isfinite(file_times).all() or (np.diff(file_times) <= 0).any():
+        raise InputError(f"--truth {str(path)!r}: expected finite, strictly increasing times, got {file_times.size} times "
+                         "with duplicates, a decrease, NaN or inf (or none)")
     if values.shape[1] != state_dim:
         raise InputError(f"--truth {str(path)!r}: {values.shape[1]} components, the observations have {state_dim}")
     wanted = times.numpy()

@@ -65,8 +65,10 @@ class ObservationOperator:
     def _check_state(self, x) -> None:
         if not isinstance(x, torch.Tensor):
             raise InputTypeError(f"x: expected a torch.Tensor of shape (..., state_dim), got {describe(x)}")
-        if x.dim() == 0:
-            raise InputError("x: expected a state of shape (..., state_dim), got a 0-d tensor")
+        if not x.is_floating_point():
+            raise InputTypeError(f"x: expected a floating-point state (..., state_dim), got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] == 0:
+            raise InputError(f"x: expected a state of shape (..., state_dim) with state_dim >= 1, got shape {tuple(x.shape)}")
         if self.state_dim is not None and x.shape[-1] != self.state_dim:
             raise InputError(
                 f"x: expected last dimension state_dim={self.state_dim} for {type(self).__name__}, got shape {tuple(x.shape)}"
@@ -76,7 +78,10 @@ class ObservationOperator:
 def _check_positions(positions, obs_dim: int) -> torch.Tensor | None:
     if positions is None:
         return None
-    pos = torch.as_tensor(positions, dtype=torch.float64)
+    try:
+        pos = torch.as_tensor(positions, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"positions: expected {obs_dim} finite locations (one per observation), got {describe(positions)}") from None
     if pos.shape != (obs_dim,) or not bool(torch.isfinite(pos).all()):
         raise InputError(f"positions: expected {obs_dim} finite locations (one per observation), got {describe(positions)}")
     return pos
@@ -220,6 +225,8 @@ class Function(ObservationOperator):
 
     def linearise(self, x):
         self._check_state(x)
+        if not x.is_floating_point():
+            raise InputTypeError(f"x: expected a floating-point state to differentiate fn at, got dtype {x.dtype}")
         jac = torch.func.jacrev(self.fn)
         flat = x.reshape(-1, x.shape[-1])
         out = torch.func.vmap(jac)(flat)
@@ -260,7 +267,7 @@ class ObservationError:
         self._covariance = None
         self._std = None
         if std is not None:
-            if isinstance(std, bool):
+            if isinstance(std, (bool, complex)) or (isinstance(std, torch.Tensor) and (std.is_complex() or std.dtype == torch.bool)):
                 raise InputTypeError(f"std: expected a positive number or a 1-D tensor, got {describe(std)}")
             try:
                 s = torch.as_tensor(std, dtype=torch.float64).detach().clone()
@@ -272,6 +279,8 @@ class ObservationError:
                 raise InputError(f"std: expected positive finite standard deviations, got {s.tolist()}")
             self._std = s
         else:
+            if isinstance(covariance, torch.Tensor) and (covariance.is_complex() or covariance.dtype == torch.bool):
+                raise InputTypeError(f"covariance: expected a real matrix (obs_dim, obs_dim), got {describe(covariance)}")
             try:
                 c = torch.as_tensor(covariance, dtype=torch.float64).detach().clone()
             except (TypeError, ValueError, RuntimeError):
@@ -314,6 +323,8 @@ class ObservationError:
         return f"ObservationError(covariance of shape {tuple(self._covariance.shape)})"
 
     def _width(self, dim: int | None) -> int:
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise InputError(f"dim: expected a number of observations >= 1, got {describe(dim)}")
         if self.dim is None:
             if dim is None:
                 raise InputError("dim: a scalar-std ObservationError fits any width; pass the number of observations")
@@ -339,6 +350,8 @@ class ObservationError:
 
     def whiten(self, v: torch.Tensor) -> torch.Tensor:
         """``R^{-1/2} v`` for ``v`` of shape ``(..., obs_dim)``: whitened values have identity covariance."""
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.dim() == 0:
+            raise InputTypeError(f"v: expected a floating-point tensor (..., obs_dim), got {describe(v)}")
         n = self._width(v.shape[-1])
         if self._covariance is None:
             return v / self._std.to(dtype=v.dtype, device=v.device).expand(n)
@@ -351,7 +364,13 @@ class ObservationError:
             shape: e.g. ``(n_times, obs_dim)`` or ``(members, obs_dim)``.
             generator: a seeded ``torch.Generator`` for reproducible draws.
         """
-        shape = tuple(int(n) for n in shape)
+        if isinstance(shape, torch.Size):
+            shape = tuple(shape)
+        if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
+            raise InputError(f"shape: expected a sequence of sizes >= 0 whose last entry is obs_dim, got {describe(shape)}")
+        shape = tuple(shape)
         if not shape:
             raise InputError("shape: expected a shape whose last entry is obs_dim, got ()")
         n = self._width(shape[-1])
@@ -397,9 +416,13 @@ class Observations:
     dt: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.times, torch.Tensor) or self.times.dim() != 1 or self.times.numel() == 0:
+        if not isinstance(self.times, torch.Tensor) or self.times.dim() != 1 or self.times.numel() == 0 or (
+            not self.times.is_floating_point() and self.times.dtype not in (torch.int32, torch.int64)
+        ):
             raise InputError(f"times: expected a non-empty 1-D tensor of observation times, got {describe(self.times)}")
-        if not isinstance(self.values, torch.Tensor) or self.values.dim() != 2 or self.values.shape[0] != self.times.numel():
+        if not isinstance(self.values, torch.Tensor) or self.values.dim() != 2 or self.values.shape[0] != self.times.numel() or (
+            not self.values.is_floating_point()
+        ):
             raise InputError(
                 f"values: expected a tensor (n_times={self.times.numel()}, obs_dim), got {describe(self.values)}"
             )
@@ -434,6 +457,8 @@ class Observations:
         """The model step of each observation time, ``(times - t0) / dt``, checked to be whole and >= 0."""
         if isinstance(dt, bool) or not isinstance(dt, (int, float)) or not math.isfinite(dt) or dt <= 0:
             raise InputError(f"dt: expected a positive finite step size, got {describe(dt)}")
+        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not math.isfinite(t0):
+            raise InputError(f"t0: expected a finite start time, got {describe(t0)}")
         ratio = (self.times.double() - float(t0)) / float(dt)
         steps = torch.round(ratio)
         bad = (ratio - steps).abs() > 1e-6 * torch.clamp(ratio.abs(), min=1.0)
@@ -445,6 +470,11 @@ class Observations:
             )
         if bool((steps < 0).any()):
             raise InputError(f"observations.times: expected times >= t0={t0:g}, got {float(self.times[0]):g}")
+        if bool((steps >= 2**31).any()):
+            raise InputError(
+                f"observations.times: expected fewer than 2**31 model steps of dt={dt:g} after t0={t0:g}, got "
+                f"{float(steps.max()):.3g} steps to time {float(self.times[-1]):g}"
+            )
         return [int(s) for s in steps.tolist()]
 
 
@@ -485,8 +515,8 @@ class Schedule:
     def every(cls, k: int, n_steps: int, start: int | None = None) -> Schedule:
         """Every ``k`` steps from ``start`` (default ``k``) up to ``n_steps`` inclusive."""
         for name, value in (("k", k), ("n_steps", n_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name}: expected an integer >= 1, got {describe(value)}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+                raise InputError(f"{name}: expected an integer in [1, 2**31), got {describe(value)}")
         start = k if start is None else start
         if isinstance(start, bool) or not isinstance(start, int) or start < 0:
             raise InputError(f"start: expected an integer >= 0, got {describe(start)}")

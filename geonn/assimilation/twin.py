@@ -72,8 +72,8 @@ def twin_experiment(
     """
     if not callable(model):
         raise InputTypeError(f"model: expected a tendency f(t, x), got {describe(model)}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise InputError(f"n_steps: expected an integer >= 1, got {describe(n_steps)}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps < 2**31:
+        raise InputError(f"n_steps: expected an integer in [1, 2**31), got {describe(n_steps)}")
     if isinstance(spinup_steps, bool) or not isinstance(spinup_steps, int) or spinup_steps < 0:
         raise InputError(f"spinup_steps: expected an integer >= 0, got {describe(spinup_steps)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -96,9 +96,19 @@ def twin_experiment(
         if not hasattr(model, "default_initial_state"):
             raise InputError(f"x0: expected an initial state for {describe(model)}, which has no default_initial_state")
         x0 = model.default_initial_state(torch.float64)
-    x0 = torch.as_tensor(x0, dtype=torch.float64)
+    if isinstance(x0, torch.Tensor) and (x0.is_complex() or x0.dtype == torch.bool):
+        raise InputError(f"x0: expected one real state (state_dim,), got {describe(x0)}")
+    try:
+        x0 = torch.as_tensor(x0, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"x0: expected one state (state_dim,), got {describe(x0)}") from None
     if x0.dim() != 1:
         raise InputError(f"x0: expected one state (state_dim,), got shape {tuple(x0.shape)}")
+    if operator.state_dim is not None and operator.state_dim != x0.numel():
+        raise InputError(
+            f"operator: expected an operator of states with {x0.numel()} components (those of the model), got "
+            f"{operator!r} of state_dim={operator.state_dim}"
+        )
     step = RungeKuttaStep(scheme)
     with torch.no_grad():
         if spinup_steps:
@@ -173,6 +183,8 @@ def read_observations(source: str | os.PathLike | xr.Dataset, operator: Observat
             dimensions, a missing or non-positive ``obs_error_std``, a row with no observation,
             non-increasing times.
     """
+    if operator is not None and not isinstance(operator, ObservationOperator):
+        raise InputTypeError(f"operator: expected an ObservationOperator (Subset, Linear, Function) or None, got {describe(operator)}")
     if isinstance(source, xr.Dataset):
         return _from_dataset(source, operator, "dataset")
     if not isinstance(source, (str, os.PathLike)):
@@ -199,6 +211,8 @@ def _from_dataset(ds: xr.Dataset, operator, where: str) -> Observations:
         raise InputError(f"observation file {where}: expected observations(time, component) or (time, obs), got dims {da.dims}")
     obs_dim_name = "component" if "component" in dims else "obs"
     da = da.transpose("time", obs_dim_name)
+    if da.dtype.kind not in "fiu":
+        raise InputError(f"observation file {where}: expected numeric 'observations' (NaN for missing), got dtype {da.dtype}")
     if "time" not in ds.variables:
         raise InputError(f"observation file {where}: missing the 'time' coordinate (model time units)")
     time = ds["time"].values
@@ -215,6 +229,11 @@ def _from_dataset(ds: xr.Dataset, operator, where: str) -> Observations:
             f"then time[{k + 1}] = {time[k + 1]:g}"
         )
     values = np.array(da.values, dtype=np.float64)  # a writable copy
+    if values.shape[0] == 0 or values.shape[1] == 0:
+        raise InputError(
+            f"observation file {where}: expected at least one observation time and one {obs_dim_name}, got "
+            f"observations of shape {values.shape}"
+        )
     if np.isinf(values).any():
         raise InputError(f"observation file {where}: 'observations' has inf entries (use NaN for missing)")
     empty = np.isnan(values).all(axis=1)
@@ -227,9 +246,9 @@ def _from_dataset(ds: xr.Dataset, operator, where: str) -> Observations:
     model = ds.attrs.get("model")
     dt = ds.attrs.get("dt")
     if dt is not None:
-        dt = float(np.asarray(dt).reshape(-1)[0])
-        if not math.isfinite(dt) or dt <= 0:
-            raise InputError(f"observation file {where}: attribute 'dt' must be a positive step, got {dt!r}")
+        dt = _positive_number(dt)
+        if dt is None:
+            raise InputError(f"observation file {where}: attribute 'dt' must be one positive step, got {_short(ds.attrs['dt'])}")
     return Observations(
         times=torch.as_tensor(time),
         values=torch.as_tensor(values),
@@ -250,14 +269,14 @@ def _read_error(ds: xr.Dataset, values: np.ndarray, obs_dim_name: str, where: st
             f"or a variable 'obs_error_std({obs_dim_name})', got {state}"
         )
     if in_attrs:
-        std = np.asarray(ds.attrs["obs_error_std"], dtype=np.float64).reshape(-1)
-        if std.size != 1 or not np.isfinite(std[0]) or std[0] <= 0:
-            given = ds.attrs["obs_error_std"]
-            raise InputError(f"observation file {where}: 'obs_error_std' must be one positive number, got {given!r}")
-        return ObservationError(std=float(std[0]))
+        std = _positive_number(ds.attrs["obs_error_std"])
+        if std is None:
+            given = _short(ds.attrs["obs_error_std"])
+            raise InputError(f"observation file {where}: 'obs_error_std' must be one positive number, got {given}")
+        return ObservationError(std=std)
     var = ds["obs_error_std"]
-    if var.dims != (obs_dim_name,):
-        raise InputError(f"observation file {where}: expected obs_error_std({obs_dim_name}), got dims {var.dims}")
+    if var.dims != (obs_dim_name,) or var.dtype.kind not in "fiu":
+        raise InputError(f"observation file {where}: expected numeric obs_error_std({obs_dim_name}), got dims {var.dims} of dtype {var.dtype}")
     std = np.asarray(var.values, dtype=np.float64).copy()
     observed = ~np.isnan(values).all(axis=0)
     bad = observed & ~(np.isfinite(std) & (std > 0))
@@ -266,3 +285,19 @@ def _read_error(ds: xr.Dataset, values: np.ndarray, obs_dim_name: str, where: st
         raise InputError(f"observation file {where}: obs_error_std must be positive where observed, got {std[k]!r} at index {k}")
     std[~observed] = 1.0  # never used: that column holds no observation
     return ObservationError(std=torch.as_tensor(std))
+
+
+def _positive_number(value) -> float | None:
+    """``value`` (a netCDF attribute) as one positive finite float, or None if it is not one."""
+    try:
+        array = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    if array.size != 1 or not np.isfinite(array[0]) or array[0] <= 0:
+        return None
+    return float(array[0])
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

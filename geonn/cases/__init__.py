@@ -91,7 +91,10 @@ def prepare_output(out: Path, config_text: str, *, overwrite: bool, resume: bool
     if out.is_dir() and any(out.iterdir()):
         saved = out / "config.toml"
         if resume:
-            if saved.is_file() and saved.read_text(encoding="utf-8") != config_text:
+            if not saved.is_file():
+                raise ConfigError(f"--resume: {str(out)!r} holds files but no config.toml of a geonn case run; "
+                                  f"pick another folder or pass --overwrite")
+            if saved.read_text(encoding="utf-8") != config_text:
                 raise ConfigError(f"--resume: {str(out)!r} holds outputs of a different config (compare its config.toml)")
         elif overwrite:
             shutil.rmtree(out)

@@ -8,6 +8,7 @@ Lyapunov exponent of the learned model beside the true one.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..integrators import RungeKuttaStep, get_tableau, rollout
 from ..io import write_netcdf
 from ..metrics import forecast_rmse, lyapunov_max
 from ..operators import MLP, BilinearResidual, PeriodicConv1d, Standardised
+from ..operators.networks import ACTIVATIONS
 from ..training import TrainConfig, fit
 
 
@@ -39,13 +41,20 @@ class DataConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise ConfigError(f"data.model: expected one of {sorted(MODELS)}, got {self.model!r}")
-        if self.dt <= 0:
-            raise ConfigError(f"data.dt: expected a positive step, got {self.dt}")
+        if not math.isfinite(self.dt) or self.dt <= 0:
+            raise ConfigError(f"data.dt: expected a positive step (a finite number), got {self.dt}")
         for name in ("n_train", "n_test"):
-            if getattr(self, name) < 10:
-                raise ConfigError(f"data.{name}: expected at least 10 steps, got {getattr(self, name)}")
-        if self.spinup_steps < 0:
-            raise ConfigError(f"data.spinup_steps: expected >= 0, got {self.spinup_steps}")
+            if not 10 <= getattr(self, name) < 2**31:
+                raise ConfigError(f"data.{name}: expected at least 10 steps (and fewer than 2**31), got {getattr(self, name)}")
+        if not 0 <= self.spinup_steps < 2**31:
+            raise ConfigError(f"data.spinup_steps: expected >= 0 (and fewer than 2**31), got {self.spinup_steps}")
+        if not 0 <= self.seed < 2**63 - 1:
+            raise ConfigError(f"data.seed: expected an integer in [0, 2**63 - 1), got {self.seed}")
+        try:
+            MODELS[self.model](**self.model_parameters)
+        except (TypeError, ValueError) as err:  # an unknown parameter name, or a value that is not a finite number
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"data.model_parameters: not parameters of {self.model} ({first}), got {self.model_parameters!r}") from None
 
 
 @dataclass
@@ -69,6 +78,13 @@ class ModelConfig:
             get_tableau(self.scheme)
         except ValueError as err:
             raise ConfigError(f"model.scheme: {err}") from None
+        for name in ("n_linear", "n_bilinear", "radius"):
+            if not 1 <= getattr(self, name) <= 2**20:
+                raise ConfigError(f"model.{name}: expected an integer in [1, 2**20], got {getattr(self, name)}")
+        if not all(1 <= width <= 2**20 for width in self.hidden):
+            raise ConfigError(f"model.hidden: expected layer widths in [1, 2**20], got {self.hidden}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"model.activation: expected one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
 
 
 @dataclass
@@ -82,8 +98,13 @@ class MetricsConfig:
     forecast_steps: int = 1000
 
     def __post_init__(self):
-        if not self.leads or min(self.leads) < 1:
-            raise ConfigError(f"metrics.leads: expected lead times >= 1 step, got {self.leads}")
+        for name in ("leads", "curve_leads"):
+            values = getattr(self, name)
+            if not values or min(values) < 1 or max(values) >= 2**31:
+                raise ConfigError(f"metrics.{name}: expected lead times >= 1 step, got {values}")
+        for name in ("lyapunov_steps", "lyapunov_trajectories", "forecast_steps"):
+            if not 1 <= getattr(self, name) < 2**31:
+                raise ConfigError(f"metrics.{name}: expected an integer >= 1, got {getattr(self, name)}")
 
 
 @dataclass

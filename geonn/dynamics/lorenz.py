@@ -6,10 +6,25 @@ References: lorenz1963, lorenz1996 (docs/references.md). Time and state are nond
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, InputTypeError, describe
+
+
+def _finite(name: str, value) -> float:
+    """A model parameter as a finite float (a real number, a 0-d tensor or a one-element array)."""
+    if isinstance(value, bool):
+        raise InputError(f"{name}: expected a finite number, got {describe(value)}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{name}: expected a finite number, got {describe(value)}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name}: expected a finite number, got {number!r}")
+    return number
 
 
 class Dynamics(nn.Module):
@@ -34,7 +49,9 @@ class Dynamics(nn.Module):
         raise NotImplementedError
 
     def _check(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.state_dim:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise InputTypeError(f"x: expected a floating-point tensor (..., {self.state_dim}), got {describe(x)}")
+        if x.dim() == 0 or x.shape[-1] != self.state_dim:
             raise InputError(f"x: expected last dimension {self.state_dim} for {self.name}, got shape {tuple(x.shape)}")
 
 
@@ -55,7 +72,7 @@ class Lorenz63(Dynamics):
 
     def __init__(self, sigma: float = 10.0, rho: float = 28.0, beta: float = 8.0 / 3.0):
         super().__init__()
-        self.sigma, self.rho, self.beta = float(sigma), float(rho), float(beta)
+        self.sigma, self.rho, self.beta = _finite("sigma", sigma), _finite("rho", rho), _finite("beta", beta)
 
     def component_names(self) -> list[str]:
         return ["x", "y", "z"]
@@ -101,10 +118,10 @@ class Lorenz96(Dynamics):
 
     def __init__(self, n: int = 40, forcing: float = 8.0):
         super().__init__()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 4:
-            raise InputError(f"n: expected an integer >= 4 (the ring must hold i-2 .. i+1), got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 4 <= n <= 2**24:
+            raise InputError(f"n: expected an integer in [4, 2**24] (the ring must hold i-2 .. i+1), got {n!r}")
         self.state_dim = n
-        self.forcing = float(forcing)
+        self.forcing = _finite("forcing", forcing)
 
     def parameters_dict(self) -> dict[str, float]:
         return {"forcing": self.forcing, "n": self.state_dim}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import __version__
@@ -53,15 +55,26 @@ def simulate(
         raise InputError(f"model: expected a geonn.dynamics model (Lorenz63, Lorenz96), got {describe(model)}")
     if isinstance(spinup_steps, bool) or not isinstance(spinup_steps, int) or spinup_steps < 0:
         raise InputError(f"spinup_steps: expected an integer >= 0, got {describe(spinup_steps)}")
-    if members is not None and (isinstance(members, bool) or not isinstance(members, int) or members < 1):
-        raise InputError(f"members: expected an integer >= 1 or None, got {describe(members)}")
+    if members is not None and (isinstance(members, bool) or not isinstance(members, int) or not 1 <= members <= 2**24):
+        raise InputError(f"members: expected an integer in [1, 2**24] or None, got {describe(members)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputError(f"dtype: expected a floating torch dtype such as torch.float64, got {describe(dtype)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise InputError(f"seed: expected a 64-bit integer, got {describe(seed)}")
+    if isinstance(perturbation, bool) or not isinstance(perturbation, (int, float)) or not math.isfinite(perturbation):
+        raise InputError(f"perturbation: expected a finite number (the std of the member perturbations), got {describe(perturbation)}")
     if x0 is None:
         x0 = model.default_initial_state(dtype)
         if members is not None:
             generator = torch.Generator().manual_seed(seed)
             x0 = x0 + perturbation * torch.randn((members, model.state_dim), generator=generator, dtype=dtype)
     else:
-        x0 = torch.as_tensor(x0, dtype=dtype)
+        if isinstance(x0, torch.Tensor) and (x0.is_complex() or x0.dtype == torch.bool):
+            raise InputError(f"x0: expected real initial states, got {describe(x0)}")
+        try:
+            x0 = torch.as_tensor(x0, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"x0: expected initial states (state_dim,) or (members, state_dim), got {describe(x0)}") from None
         if members is not None and (x0.dim() != 2 or x0.shape[0] != members):
             raise InputError(f"x0: expected shape ({members}, {model.state_dim}) for members={members}, got {tuple(x0.shape)}")
     step = RungeKuttaStep(scheme)

@@ -63,7 +63,10 @@ class EOFReducer:
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise InputError(f"mask: expected a bool tensor broadcastable to {tuple(values.shape)}, got {describe(mask)}")
-            used = used & torch.broadcast_to(mask, values.shape).all(0)
+            try:
+                used = used & torch.broadcast_to(mask, values.shape).all(0)
+            except RuntimeError:
+                raise InputError(f"mask: expected a bool tensor broadcastable to {tuple(values.shape)}, got {describe(mask)}") from None
         weight = torch.ones(field_shape, dtype=torch.float64)
         if weights is not None:
             try:
@@ -73,14 +76,16 @@ class EOFReducer:
                 weight = torch.broadcast_to(weights.to(torch.float64).reshape(weights.shape[max(extra, 0):]), field_shape).clone()
             except (RuntimeError, AttributeError):
                 raise InputError(f"weights: expected a shape broadcastable to the field {field_shape}, got {describe(weights)}") from None
-            if bool((weight < 0).any()):
-                raise InputError("weights: expected non-negative weights, got some negative")
+            if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+                raise InputError("weights: expected finite, non-negative weights, got some negative, NaN or inf")
         used = used & (weight > 0)
         n_times, n_used = values.shape[0], int(used.sum())
         if self.modes > min(n_times, n_used):
             raise InputError(f"modes: expected at most min(time, used points) = min({n_times}, {n_used}), got {self.modes}")
         x = values.detach().to(torch.float64).reshape(n_times, -1)
         flat_used = used.flatten()
+        if not bool(torch.isfinite(x[:, flat_used]).all()):
+            raise InputError("values: expected finite values where the mask is True (mark missing values False in mask), got NaN or inf")
         valid = torch.ones_like(x, dtype=torch.bool) if mask is None else torch.broadcast_to(mask, values.shape).reshape(n_times, -1)
         count = valid.sum(0).clamp_min(1)
         mean = torch.where(valid, x, 0).sum(0) / count if self.center else torch.zeros(x.shape[1], dtype=torch.float64)

@@ -61,7 +61,12 @@ def _time_index(train_index, n_times: int) -> torch.Tensor:
             raise InputError(f"train_index: expected a bool tensor of shape ({n_times},), got {tuple(train_index.shape)}")
         index = train_index.nonzero().flatten()
     else:
-        index = torch.as_tensor(list(train_index) if isinstance(train_index, range) else train_index, dtype=torch.long).flatten()
+        if isinstance(train_index, torch.Tensor) and train_index.is_floating_point():
+            raise InputError(f"train_index: expected integer indices, a slice or a bool tensor, got {describe(train_index)}")
+        try:
+            index = torch.as_tensor(list(train_index) if isinstance(train_index, range) else train_index, dtype=torch.long).flatten()
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise InputError(f"train_index: expected integer indices, a slice or a bool tensor, got {describe(train_index)}") from None
     if index.numel() == 0:
         raise InputError(f"train_index: expected at least one training time step out of {n_times}, got none")
     if int(index.min()) < -n_times or int(index.max()) >= n_times:
@@ -123,6 +128,12 @@ class Normaliser:
         index = _time_index(train_index, values.shape[0])
         groups = self._groups(groups, values.shape[0], fitting=True)[index]
         x, valid = values[index].double(), mask[index]
+        used = x[valid]
+        if not bool(torch.isfinite(used).all()) or (used.numel() and float(used.abs().max()) > 1e150):
+            raise InputError(
+                "values: expected finite values below 1e150 in magnitude where the mask is True (mark missing values "
+                "False in mask), got NaN, inf or larger values"
+            )
         n_groups = int(groups.max()) + 1
         one_hot = torch.nn.functional.one_hot(groups, n_groups).double()  # (time, group)
         counts = torch.einsum("tg,tcyx->gcyx", one_hot, valid.double())
@@ -136,6 +147,8 @@ class Normaliser:
             n = valid.sum(dims, keepdim=True).double()
             std = (anomalies.pow(2).sum(dims, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
             std = torch.where(std > 0, std, 1)
+        if not bool(torch.isfinite(std.to(values.dtype)).all()) or not bool(torch.isfinite(climatology.to(values.dtype)).all()):
+            raise InputError(f"values: their spread overflows {values.dtype}; normalise them in torch.float64")
         self.climatology, self.std, self.counts = climatology.to(values.dtype), std.to(values.dtype), counts.to(torch.int64)
         return self
 

@@ -46,7 +46,7 @@ def time_split(n_times: int | xr.DataArray, test_fraction: float = 0.2) -> TimeS
         n_times = n_times.sizes[find_grid(n_times).time]
     if isinstance(n_times, bool) or not isinstance(n_times, (int, np.integer)):
         raise InputTypeError(f"n_times: expected an int or a DataArray, got {describe(n_times)}")
-    if not 0 < test_fraction < 1:
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
         raise InputError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
     n_test = math.floor(n_times * test_fraction + 0.5)  # to nearest, halves up
     n_train = int(n_times) - n_test

@@ -52,6 +52,8 @@ def to_tensor(da: xr.DataArray, grid: Grid | None = None, *, dtype: torch.dtype 
         >>> values, mask, grid = to_tensor(ds["air_temperature"])
         >>> back = from_tensor(values, like=ds["air_temperature"], grid=grid, mask=mask)
     """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InputTypeError(f"dtype: expected a floating torch dtype or None, got {describe(dtype)}")
     grid = find_grid(da) if grid is None else grid
     check_grid(da, grid)
     array = field_array(da, grid)
@@ -60,6 +62,9 @@ def to_tensor(da: xr.DataArray, grid: Grid | None = None, *, dtype: torch.dtype 
     values = torch.from_numpy(np.ascontiguousarray(array))
     if dtype is not None:
         values = values.to(dtype)
+        if not bool(torch.isfinite(values).all()):
+            largest = float(np.abs(array).max())
+            raise InputError(f"dtype: the values of da (up to {largest:.3g} in magnitude) overflow {dtype}; use torch.float64")
     return values, torch.from_numpy(mask), grid
 
 
@@ -118,10 +123,16 @@ def area_weights(grid: Grid, mask: torch.Tensor | None = None, *, dtype: torch.d
         ``(lat, lon)`` weights, or the broadcast shape of ``(lat, lon)`` and ``mask``. A weighted
         mean over the grid is ``(weights * x).sum((-2, -1))``.
     """
+    if not isinstance(grid, Grid):
+        raise InputTypeError(f"grid: expected a geonn.fields.Grid (from find_grid), got {describe(grid)}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InputTypeError(f"dtype: expected a floating torch dtype, got {describe(dtype)}")
     if grid.latitudes is None:
         raise InputError(f"grid: latitude dimension {grid.lat!r} has no numeric 1-D coordinate; area weights need latitudes in degrees")
     latitudes = torch.tensor(grid.latitudes, dtype=torch.float64)
-    if latitudes.abs().max() > 90:
+    if latitudes.numel() == 0:
+        raise InputError(f"grid: expected at least one latitude along {grid.lat!r}, got none")
+    if not bool(torch.isfinite(latitudes).all()) or latitudes.abs().max() > 90:
         raise InputError(
             f"grid: expected latitudes in degrees within [-90, 90] along {grid.lat!r}, got values up to "
             f"{float(latitudes.abs().max()):g} (a projected y coordinate has no latitude weights)"

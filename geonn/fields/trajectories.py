@@ -30,13 +30,26 @@ def trajectory_to_dataset(
         variable_attrs: variable name -> attributes (``long_name``, ``units``...).
         attrs: global attributes; values must be str, int, float or lists of them (netCDF-safe).
     """
-    times = np.asarray(times.detach().cpu() if isinstance(times, torch.Tensor) else times, dtype=np.float64)
+    if isinstance(component_names, (str, bytes)) or not isinstance(component_names, Sequence):
+        raise InputTypeError(f"component_names: expected a sequence of names, got {describe(component_names)}")
+    try:
+        times = np.asarray(times.detach().cpu() if isinstance(times, torch.Tensor) else times, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputTypeError(f"times: expected a 1-D sequence of numbers, got {describe(times)}") from None
+    if times.ndim != 1:
+        raise InputError(f"times: expected a 1-D sequence of times, got shape {times.shape}")
+    if not isinstance(trajectories, Mapping):
+        raise InputTypeError(f"trajectories: expected a mapping of names to tensors, got {describe(trajectories)}")
     coords = {
         "time": ("time", times, dict(TIME_ATTRS)),
         "component": ("component", np.asarray(list(component_names), dtype=str), {"long_name": "state component"}),
     }
     data_vars = {}
     for name, tensor in trajectories.items():
+        if not isinstance(tensor, (torch.Tensor, np.ndarray)) or tensor.dtype in (torch.bool, torch.complex64, torch.complex128):
+            raise InputTypeError(f"trajectories[{name!r}]: expected a real tensor (time, [member,] component), got {describe(tensor)}")
+        if isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float16, torch.bfloat16):
+            tensor = tensor.float()  # numpy has no bfloat16; netCDF no float16
         array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
         if array.ndim == 2:
             dims = ("time", "component")
@@ -66,5 +79,5 @@ def dataset_to_trajectory(ds: xr.Dataset, variable: str, dtype=torch.float64) ->
     if len(order) != da.ndim:
         raise InputError(f"{variable}: unexpected dimensions {da.dims}; expected a subset of (time, member, component)")
     values = torch.as_tensor(np.asarray(da.transpose(*order).values, dtype=np.float64), dtype=dtype)
-    times = torch.as_tensor(np.asarray(ds["time"].values, dtype=np.float64))
+    times = torch.as_tensor(np.array(ds["time"].values, dtype=np.float64))
     return values, times

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,9 +22,13 @@ def rollout(f, x0: torch.Tensor, n_steps: int, dt: float, scheme="rk4", *, t0: f
 
     Returns the trajectory of shape ``(n_steps + 1, *x0.shape)``, starting with ``x0``.
     """
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
-        raise InputError(f"n_steps: expected an integer >= 0, got {describe(n_steps)}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 0 <= n_steps < 2**31:
+        raise InputError(f"n_steps: expected an integer in [0, 2**31), got {describe(n_steps)}")
     dt = _check_dt(dt)
+    if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not math.isfinite(t0):
+        raise InputError(f"t0: expected a finite start time, got {describe(t0)}")
+    if isinstance(x0, torch.Tensor):
+        _check_memory("n_steps", n_steps + 1, x0)
     times = t0 + dt * torch.arange(n_steps + 1, dtype=torch.float64)
     return integrate(f, x0, times, scheme, **kwargs)
 
@@ -57,7 +62,9 @@ def integrate(
             grid by ``torchdiffeq.odeint_adjoint`` with the same tableau; memory flat in n_steps).
         segments: number of checkpoint segments (default ``ceil(sqrt(n_steps))``).
         nonfinite: ``"raise"`` (default) raises :class:`~geonn.errors.NonFiniteError` naming the first
-            step whose state is NaN or infinite; ``"keep"`` returns the trajectory as it is.
+            step whose state is NaN or infinite (its ``step`` and ``time`` attributes); ``"keep"``
+            returns the trajectory as it is, and :func:`diverged_members` / :func:`divergence_steps`
+            flag the members (leading dimensions of ``x0``) that diverged and when.
         compile: fuse steps with ``torch.compile`` when no gradient is needed (fast long rollouts;
             the first call compiles for a few seconds).
 
@@ -85,6 +92,7 @@ def integrate(
     n_steps = times.numel() - 1
     if n_steps == 0:
         return x0.unsqueeze(0).clone()
+    _check_memory("times", n_steps + 1, x0)
 
     needs_grad = torch.is_grad_enabled() and (
         x0.requires_grad or any(p.requires_grad for p in _parameters(f)) or any(p.requires_grad for p in step.parameters())
@@ -123,7 +131,74 @@ def check_finite(traj: torch.Tensor, times: torch.Tensor) -> None:
     )
 
 
+def diverged_members(trajectory: torch.Tensor) -> torch.Tensor:
+    """Which members of a rollout kept with ``nonfinite="keep"`` diverged (became NaN or infinite).
+
+    Args:
+        trajectory: time first, shape ``(time, *members, state_dim)``, as :func:`integrate` and
+            :func:`rollout` return it (``members`` are the leading dimensions of ``x0``).
+
+    Returns:
+        A boolean tensor of shape ``members`` (0-d for a single state): True where any state of that
+        member, at any time, has a NaN or infinite component. Use it to drop or report those members.
+
+    Example:
+        >>> import torch, geonn
+        >>> x0 = torch.tensor([[1.0, 1.0, 20.0], [1e30, 1e30, 1e30]], dtype=torch.float64)
+        >>> traj = geonn.rollout(geonn.Lorenz63(), x0, 50, 0.01, nonfinite="keep")
+        >>> geonn.integrators.diverged_members(traj)
+        tensor([False,  True])
+    """
+    _check_trajectory(trajectory)
+    with torch.no_grad():
+        finite = torch.isfinite(trajectory).all(dim=-1).all(dim=0)
+    return ~finite
+
+
+def divergence_steps(trajectory: torch.Tensor) -> torch.Tensor:
+    """The first step at which each member of a rollout became NaN or infinite, -1 where it never did.
+
+    Args:
+        trajectory: shape ``(time, *members, state_dim)`` (see :func:`diverged_members`).
+
+    Returns:
+        A long tensor of shape ``members``: the index along time of the first non-finite state, or -1.
+    """
+    _check_trajectory(trajectory)
+    with torch.no_grad():
+        bad = ~torch.isfinite(trajectory).all(dim=-1)  # (time, *members)
+        first = torch.where(bad.any(dim=0), bad.to(torch.int8).argmax(dim=0), -1)
+    return first.to(torch.long)
+
+
+def _check_trajectory(trajectory) -> None:
+    if not isinstance(trajectory, torch.Tensor) or not trajectory.is_floating_point():
+        raise InputTypeError(f"trajectory: expected a floating-point tensor (time, ..., state_dim), got {describe(trajectory)}")
+    if trajectory.dim() < 2 or trajectory.shape[0] == 0 or trajectory.shape[-1] == 0:
+        raise InputError(f"trajectory: expected shape (time, ..., state_dim) with time, state_dim >= 1, got {tuple(trajectory.shape)}")
+
+
 # --- checks -------------------------------------------------------------------------------
+
+
+def _physical_memory() -> int | None:
+    """This machine's physical memory in bytes, where the system says (Linux, macOS), else None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_memory(name: str, n_states: int, x0: torch.Tensor) -> None:
+    """Refuse a trajectory of ``n_states`` states like ``x0`` (and its times) larger than physical memory:
+    better an error now than the machine swapping or the process killed when it fills."""
+    size = n_states * (x0.numel() * x0.element_size() + 8)
+    memory = _physical_memory()
+    if memory is not None and size > memory:
+        raise InputError(
+            f"{name}: a trajectory of {n_states} states of shape {tuple(x0.shape)} takes {size / 2**30:.3g} GiB, more "
+            f"than this machine's {memory / 2**30:.3g} GiB of memory; integrate in pieces"
+        )
 
 
 def _parameters(f):

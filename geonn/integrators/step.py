@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputTypeError, describe
 from .tableaux import ButcherTableau, get_tableau
 
 
@@ -34,8 +35,11 @@ class RungeKuttaStep(nn.Module):
     def __init__(self, scheme: str | ButcherTableau = "rk4", learnable: bool = False, learn_dt: bool = False):
         super().__init__()
         self.tableau = get_tableau(scheme)
-        self.learnable = bool(learnable)
-        self.learn_dt = bool(learn_dt)
+        for name, value in (("learnable", learnable), ("learn_dt", learn_dt)):
+            if not isinstance(value, bool):
+                raise InputTypeError(f"{name}: expected True or False, got {describe(value)}")
+        self.learnable = learnable
+        self.learn_dt = learn_dt
         tab = self.tableau
         # Python floats for the fixed path: zero entries are skipped and no tensor ops are spent on coefficients.
         self._a = [list(row[:i]) for i, row in enumerate(tab.a)]
@@ -63,6 +67,15 @@ class RungeKuttaStep(nn.Module):
         return f"scheme={self.tableau.name!r}, learnable={self.learnable}, learn_dt={self.learn_dt}"
 
     def forward(self, f, t, x: torch.Tensor, dt):
+        if not callable(f):
+            raise InputTypeError(f"f: expected a tendency f(t, x), got {describe(f)}")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise InputTypeError(f"x: expected a floating-point tensor (..., state_dim), got {describe(x)}")
+        for name, value in (("t", t), ("dt", dt)):  # t may be a tensor of times, one per state; dt is one step
+            if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or (
+                name == "dt" and isinstance(value, torch.Tensor) and value.numel() != 1
+            ):
+                raise InputTypeError(f"{name}: expected a number or a 0-d tensor (model time units), got {describe(value)}")
         h = dt
         if self.learn_dt:
             h = dt * torch.exp(self.log_dt_scale).to(x.dtype)
@@ -87,6 +100,8 @@ class RungeKuttaStep(nn.Module):
             if bi != 0.0:
                 term = bi * ki
                 increment = term if increment is None else increment + term
+        if increment is None:  # every weight b_i is 0: the scheme does not move
+            return x + 0.0 * ks[0]
         return x + h * increment
 
     def _learnable_step(self, f, t, x, h):

@@ -10,6 +10,7 @@ fourth-order scheme (``RK4`` here). Both are fourth order; their error constants
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InputError, InputTypeError
@@ -34,6 +35,9 @@ class ButcherTableau:
     order: int
 
     def __post_init__(self):
+        _check_coefficients(self.name, self.a, self.b, self.c)
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
+            raise InputError(f"tableau {self.name!r}: order: expected an integer >= 1, got {self.order!r}")
         s = len(self.b)
         if len(self.c) != s or len(self.a) != s or any(len(row) != s for row in self.a):
             raise InputError(
@@ -47,6 +51,21 @@ class ButcherTableau:
     @property
     def stages(self) -> int:
         return len(self.b)
+
+
+def _check_coefficients(name, a, b, c) -> None:
+    """``a`` a sequence of rows and ``b``, ``c`` sequences, all of finite real numbers, at least one stage."""
+    def numbers(values) -> bool:
+        return isinstance(values, (tuple, list)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        )
+
+    if not numbers(b) or not b:
+        raise InputError(f"tableau {name!r}: b: expected a non-empty sequence of finite numbers, got {b!r}")
+    if not numbers(c):
+        raise InputError(f"tableau {name!r}: c: expected a sequence of finite numbers, got {c!r}")
+    if not isinstance(a, (tuple, list)) or not all(numbers(row) for row in a):
+        raise InputError(f"tableau {name!r}: a: expected rows (sequences) of finite numbers, got {a!r}")
 
 
 EULER = ButcherTableau("euler", a=((0.0,),), b=(1.0,), c=(0.0,), order=1)

@@ -12,6 +12,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -19,10 +20,47 @@ from .atomic import atomic_path, write_text
 
 
 def write_netcdf(ds, path: str | os.PathLike) -> Path:
-    """Write an ``xarray.Dataset`` to netCDF-4 atomically."""
+    """Write an ``xarray.Dataset`` to netCDF-4 atomically.
+
+    Attribute values netCDF cannot hold as they are get the nearest form it can: strings with
+    characters UTF-8 cannot encode (lone surrogates from undecodable file names) are written
+    with backslash escapes, booleans as 0/1. ``ds`` itself is not changed.
+
+    Raises:
+        InputError: ``ds`` has an attribute or variable netCDF cannot store (the message names it).
+        WriteError: the file could not be written (disk full, no permission).
+    """
+    ds = _netcdf_safe(ds)
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"path: netCDF file names must be UTF-8, got {str(path)!r}") from None
     with atomic_path(path) as tmp:
-        ds.to_netcdf(tmp, engine="netcdf4")
+        try:
+            ds.to_netcdf(tmp, engine="netcdf4")
+        except (TypeError, ValueError) as err:
+            raise InputError(f"ds: cannot be written to netCDF {str(path)!r}: {_first_line(err)}") from None
     return Path(path)
+
+
+def _safe_attribute(value):
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (bool, np.bool_)):
+        return np.int8(value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value):
+        return [_safe_attribute(v) for v in value]
+    return value
+
+
+def _netcdf_safe(ds):
+    """A shallow copy of ``ds`` whose attributes netCDF can store (see :func:`write_netcdf`)."""
+    ds = ds.copy(deep=False)
+    ds.attrs = {k: _safe_attribute(v) for k, v in ds.attrs.items()}
+    for name in ds.variables:
+        variable = ds.variables[name]
+        variable.attrs = {k: _safe_attribute(v) for k, v in variable.attrs.items()}
+    return ds
 
 
 def _json_safe(value):
@@ -79,7 +117,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"checkpoint {str(path)!r}: refused, it holds objects other than tensors and plain data "
             f"(a file crafted to run code is refused this way): {_first_line(err)}"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - an untrusted file can make the unpickler fail in any way
         raise InputError(f"checkpoint {str(path)!r}: not a readable torch checkpoint ({_first_line(err)})") from None
     if not isinstance(state, dict):
         raise InputError(f"checkpoint {str(path)!r}: expected a dict of state, got {type(state).__name__}")

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InputError
-from .atomic import _umask
+from .atomic import _umask, write_error
 
 
 def check_output_folder(out: str | os.PathLike, overwrite: bool, argument: str = "--out") -> Path:
@@ -30,20 +30,26 @@ def staged_folder(out: str | os.PathLike, overwrite: bool, argument: str = "--ou
     partial outputs. With ``overwrite`` an existing ``out`` is replaced only once the new one is whole.
     """
     out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as err:
+        raise write_error(out, err, "create the output folder") from err
     try:
         yield stage
-        if out.exists():
-            if not out.is_dir() or (any(out.iterdir()) and not overwrite):
-                raise InputError(f"{argument}: {str(out)!r} appeared while the run was going on; the results are not moved there")
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
-        os.chmod(out, 0o777 & ~_umask())
+        try:
+            if out.exists():
+                if not out.is_dir() or (any(out.iterdir()) and not overwrite):
+                    raise InputError(f"{argument}: {str(out)!r} appeared while the run was going on; the results are not moved there")
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+                os.replace(stage, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(stage, out)
+            os.chmod(out, 0o777 & ~_umask())
+        except OSError as err:
+            raise write_error(out, err, "move the finished outputs into") from err
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

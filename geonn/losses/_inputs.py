@@ -36,10 +36,10 @@ def number(name: str, value, *, minimum: float | None = None, exclusive: bool = 
     return float(value)
 
 
-def positive_int(name: str, value) -> int:
-    """An integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name}: expected an integer >= 1, got {describe(value)}")
+def positive_int(name: str, value, maximum: int = 2**20) -> int:
+    """An integer in ``[1, maximum]`` (a size; beyond the maximum it would not fit in memory)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise InputError(f"{name}: expected an integer in [1, {maximum}], got {describe(value)}")
     return value
 
 

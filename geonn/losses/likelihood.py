@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import InputError
+from ..errors import InputError, NonFiniteError
 from ._inputs import check_finite, float_tensor, number, positive_int
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -112,9 +112,13 @@ def gaussian_nll(
     nll = 0.5 * (mahalanobis + log_det)
     if constant:
         nll = nll + 0.5 * d * math.log(2 * math.pi)
-    if reduction == "mean":
-        return nll.mean()
-    return nll.sum() if reduction == "sum" else nll
+    out = nll.mean() if reduction == "mean" else nll.sum() if reduction == "sum" else nll
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError(
+            "pred - target: the NLL overflows (squared residuals over the variance exceed the dtype's range); "
+            "rescale the data or the covariance"
+        )
+    return out
 
 
 def check_scale_tril(scale_tril, d: int | None = None) -> torch.Tensor:
@@ -185,15 +189,20 @@ class LearnedCovariance(nn.Module):
         min_std: float = 1e-6,
     ):
         super().__init__()
-        self.state_dim = positive_int("state_dim", state_dim)
+        self.state_dim = positive_int("state_dim", state_dim, maximum=2**12 if kind == "full" else 2**20)
         if kind not in COVARIANCE_KINDS:
             raise InputError(f"kind: expected one of {COVARIANCE_KINDS}, got {kind!r}")
         self.kind = kind
-        self.state_dependent = bool(state_dependent)
-        self.min_std = number("min_std", min_std, minimum=0.0)
-        initial_std = number("initial_std", initial_std, minimum=self.min_std, exclusive=True)
+        if not isinstance(state_dependent, bool):
+            raise InputError(f"state_dependent: expected True or False, got {state_dependent!r}")
+        self.state_dependent = state_dependent
+        self.min_std = number("min_std", min_std, minimum=0.0, maximum=1e15)
+        initial_std = number("initial_std", initial_std, minimum=self.min_std, exclusive=True, maximum=1e15)
         self.n_off_diagonal = state_dim * (state_dim - 1) // 2 if kind == "full" else 0
         n_raw = state_dim + self.n_off_diagonal
+        if self.state_dependent and isinstance(hidden, int) and (state_dim + n_raw) * hidden > 2**30:
+            raise InputError(f"state_dim, hidden: expected a covariance network of at most 2**30 weights, got "
+                             f"{(state_dim + n_raw) * hidden}")
         initial = torch.zeros(n_raw)
         shifted = torch.tensor(initial_std - self.min_std, dtype=torch.float64)
         initial[:state_dim] = float(shifted + torch.log(-torch.expm1(-shifted)))  # softplus^-1
@@ -215,6 +224,9 @@ class LearnedCovariance(nn.Module):
             state = float_tensor("state", state)
             if state.dim() < 1 or state.shape[-1] != d:
                 raise InputError(f"state: expected last dimension {d}, got shape {tuple(state.shape)}")
+            weight = self.net[0].weight
+            if state.dtype != weight.dtype:
+                raise InputError(f"state: expected dtype {weight.dtype} (that of the covariance network), got {state.dtype}")
             raw = self.net(state)
         else:
             raw = self.raw

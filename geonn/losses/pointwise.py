@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError, InputTypeError, describe
+from ..errors import InputError, InputTypeError, NonFiniteError, describe
 from ._inputs import broadcastable_to, check_finite, float_tensor, number
 
 
@@ -67,7 +67,7 @@ def lp_loss(
     residual = torch.where(observed, pred - target, torch.zeros((), dtype=pred.dtype, device=pred.device))
     error = residual.abs().pow(p)
     if weights is None:
-        return error.sum() / observed.sum().to(pred.dtype)
+        return _finite_loss(error.sum() / observed.sum().to(pred.dtype), p)
     weights = float_tensor("weights", weights)
     broadcastable_to("weights", weights, shape, "pred")
     check_finite("weights", weights)
@@ -77,4 +77,13 @@ def lp_loss(
     total = counted.sum()
     if not bool(total > 0):
         raise InputError("weights: expected a positive total weight on the observed entries, got 0")
-    return (counted * error).sum() / total
+    return _finite_loss((counted * error).sum() / total, p)
+
+
+def _finite_loss(loss: torch.Tensor, p: float) -> torch.Tensor:
+    """``loss``, or :class:`NonFiniteError` when finite inputs overflowed (``|pred - target|^p`` too large)."""
+    if not bool(torch.isfinite(loss)):
+        raise NonFiniteError(
+            f"p: |pred - target|^{p:g} overflows {loss.dtype} (the loss is {float(loss)}); rescale pred and target or lower p"
+        )
+    return loss

@@ -40,6 +40,19 @@ def _point_sets(x, y) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _check_scale(x: torch.Tensor, y: torch.Tensor, p: float, blur: float | None = None) -> None:
+    """Refuse points (or a blur) so large that ``|x - y| ** p`` (summed over pairs and dimensions) overflows their dtype."""
+    largest = float(torch.maximum(x.detach().abs().max(), y.detach().abs().max()))
+    limit = (torch.finfo(x.dtype).max / (4 * x.shape[1] * max(x.shape[0], y.shape[0]) ** 2)) ** (1 / p) / 2
+    if blur is not None and blur > limit:
+        raise InputError(f"blur: expected a length below {limit:.3g} in {x.dtype} (blur^{p:g} would overflow), got {blur:g}")
+    if largest > limit:
+        raise InputError(
+            f"x, y: expected coordinates below {limit:.3g} in {x.dtype} (|x - y|^{p:g} would overflow), got {largest:.3g}; "
+            "rescale the states or use float64"
+        )
+
+
 def sinkhorn_divergence(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -98,7 +111,13 @@ def sinkhorn_divergence(
         raise InputError("scaling: expected a number in (0, 1), got 1.0")
     if backend not in SINKHORN_BACKENDS:
         raise InputError(f"backend: expected one of {SINKHORN_BACKENDS}, got {backend!r}")
-    loss = SamplesLoss("sinkhorn", p=p, blur=blur, debias=True, scaling=scaling, backend=backend)
+    _check_scale(x, y, p, blur)
+    # geomloss anneals from the sets' diameter down to blur; a diameter of 0 (every point the same) would
+    # start from log(0), so the schedule starts at blur at least (its own estimate otherwise).
+    lowest = torch.minimum(x.detach().min(0).values, y.detach().min(0).values)
+    highest = torch.maximum(x.detach().max(0).values, y.detach().max(0).values)
+    diameter = max(float((highest - lowest).norm()), blur)
+    loss = SamplesLoss("sinkhorn", p=p, blur=blur, diameter=diameter, debias=True, scaling=scaling, backend=backend)
     return p * loss(x, y)
 
 
@@ -146,8 +165,9 @@ def sliced_wasserstein(
     x, y = _point_sets(x, y)
     n_projections = positive_int("n_projections", n_projections)
     p = number("p", p, minimum=1.0)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InputError(f"seed: expected an integer or None, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InputError(f"seed: expected an integer in [0, 2**63) or None, got {seed!r}")
+    _check_scale(x, y, p)
     d = x.shape[1]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     directions = torch.randn(d, n_projections, generator=generator, dtype=x.dtype).to(x.device)

@@ -16,33 +16,41 @@ from .ensemble import (
     mean_preserving_rotation,
     sqrt_update,
 )
+from .learned import DynamicalPrior, GradientLSTM, LearnedSolver, SolverTrainConfig
 from .localisation import gaspari_cohn, ring_distance
 from .observations import Function, Linear, ObservationError, ObservationOperator, Observations, Schedule, Subset
 from .scores import rmse_time_mean
 from .smoothers import EnKS, IEnKS, SmootherResult
 from .twin import read_observations, twin_experiment
 from .variational import Var3D, Var4D, VariationalResult, WeakVar4D, climatology
+from .windows import WindowEnKS, WindowVar4D
 
 __all__ = [
     "ETKF",
     "LETKF",
+    "DynamicalPrior",
     "EnKF",
     "EnKFN",
     "EnKS",
     "FilterResult",
     "Function",
+    "GradientLSTM",
     "IEnKS",
+    "LearnedSolver",
     "Linear",
     "ObservationError",
     "ObservationOperator",
     "Observations",
     "Schedule",
     "SmootherResult",
+    "SolverTrainConfig",
     "Subset",
     "Var3D",
     "Var4D",
     "VariationalResult",
     "WeakVar4D",
+    "WindowEnKS",
+    "WindowVar4D",
     "climatology",
     "enkf_n_dual_cost",
     "enkf_n_inflation",

@@ -13,6 +13,7 @@ bocquet2015, sakov2012, gaspari1999 (docs/references.md).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -22,7 +23,8 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from ..errors import InputError, InputTypeError, describe
-from ..integrators import RungeKuttaStep, rollout
+from ..integrators import RungeKuttaStep
+from .forecast import propagate
 from .localisation import gaspari_cohn, ring_distance
 from .observations import ObservationError, ObservationOperator, Observations
 
@@ -85,6 +87,7 @@ def mean_preserving_rotation(members: int, generator: torch.Generator | None = N
     return rotation.to(dtype)
 
 
+@functools.lru_cache(maxsize=32)
 def _helmert(members: int) -> torch.Tensor:
     """Orthonormal basis ``(N, N - 1)`` of the vectors orthogonal to ``1``: column k is
     ``(1, .., 1, -k, 0, .., 0) / sqrt(k (k + 1))`` with k ones."""
@@ -151,6 +154,7 @@ class _EnsembleFilter:
         ensemble: torch.Tensor | None = None,
         t0: float = 0.0,
         scheme="rk4",
+        compile: bool = False,
     ) -> FilterResult:
         """Cycle forecasts and analyses over every observation time.
 
@@ -168,6 +172,10 @@ class _EnsembleFilter:
             ensemble: initial ensemble ``(members, state_dim)`` at ``t0`` instead of the prior.
             t0: time of the initial ensemble.
             scheme: the Runge-Kutta scheme of the forecast (name, tableau or step).
+            compile: fuse the forecast steps with ``torch.compile``
+                (:func:`geonn.assimilation.forecast.propagate`): several times faster for small
+                states once compiled, a few seconds of compiling per ensemble shape; the results
+                agree with the eager ones to round-off.
 
         Returns:
             A :class:`FilterResult` with one row per observation time.
@@ -181,7 +189,7 @@ class _EnsembleFilter:
         with torch.no_grad():
             for k, target in enumerate(steps):
                 if target > current:
-                    members = rollout(model, members, target - current, dt, step, t0=t0 + current * dt)[-1]
+                    members = propagate(model, members, target - current, dt, step, t0=t0 + current * dt, compile=compile)
                     current = target
                 rows["fm"].append(members.mean(0))
                 rows["fs"].append(_spread(members))
@@ -288,13 +296,16 @@ class _EnsembleFilter:
         if not isinstance(operator, ObservationOperator):
             raise InputTypeError(f"operator: expected an ObservationOperator, got {describe(operator)}")
         present = ~torch.isnan(observation)
-        observed = operator(ensemble)[:, present]
-        error = error.restrict(present)
+        observed = operator(ensemble)
+        if bool(present.all()):  # the usual case: no masking, the same error
+            values = observation
+        else:
+            observed, values, error = observed[:, present], observation[present], error.restrict(present)
         mean = ensemble.mean(0)
         anomalies = ensemble - mean
         observed_mean = observed.mean(0)
         whitened = error.whiten(observed - observed_mean)
-        innovation = error.whiten(observation[present] - observed_mean)
+        innovation = error.whiten(values - observed_mean)
         return mean, anomalies, observed, whitened, innovation, error, present
 
     def _update(self, ensemble, observation, operator, error, generator):

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError, InputTypeError, describe
-from ..integrators import rollout
 from .ensemble import (
     FilterResult,
     _check_int,
@@ -36,6 +35,7 @@ from .ensemble import (
     mean_preserving_rotation,
     sqrt_update,
 )
+from .forecast import propagate
 from .observations import Observations
 
 
@@ -59,11 +59,11 @@ class _Smoother(_EnsembleFilter):
     """Input checks and the forecast shared by the smoothers."""
 
     @staticmethod
-    def _forecast(run, members: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Integrate ``members`` from model step ``start`` to ``stop``; returns the states at ``stop``."""
-        if stop == start:
-            return members
-        return rollout(run.model, members, stop - start, run.dt, run.step, t0=run.t0 + start * run.dt)[-1]
+    def _forecast(run, members: torch.Tensor, start: int, stop: int, trajectory: bool = False) -> torch.Tensor:
+        """Integrate ``members`` from model step ``start`` to ``stop``; returns the states at ``stop``
+        (or every state from ``start`` on, with ``trajectory``)."""
+        return propagate(run.model, members, stop - start, run.dt, run.step, t0=run.t0 + start * run.dt,
+                         trajectory=trajectory, compile=run.compile)
 
 
 @dataclass
@@ -119,14 +119,16 @@ class EnKS(_Smoother):
         ensemble: torch.Tensor | None = None,
         t0: float = 0.0,
         scheme="rk4",
+        compile: bool = False,
     ) -> SmootherResult:
         """Cycle forecasts and analyses, updating the ensembles of the last ``lag`` observation times too.
 
-        Arguments as :meth:`geonn.assimilation.ETKF.assimilate`. Returns a :class:`SmootherResult`
+        Arguments (``compile`` too) as :meth:`geonn.assimilation.ETKF.assimilate`. Returns a :class:`SmootherResult`
         whose analysis rows are the ETKF's and whose ``smoothed_mean[k]`` is the estimate at
         observation ``k`` given the observations up to ``k + lag``.
         """
         run = self._start(model, observations, dt, prior_mean, prior_spread, ensemble, t0, scheme)
+        run.compile = compile
         members = run.ensemble
         n_members, state_dim = members.shape
         n_times = len(run.steps)
@@ -268,16 +270,18 @@ class IEnKS(_Smoother):
         ensemble: torch.Tensor | None = None,
         t0: float = 0.0,
         scheme="rk4",
+        compile: bool = False,
     ) -> SmootherResult:
         """Slide the window over every observation time.
 
-        Arguments as :meth:`geonn.assimilation.ETKF.assimilate`. Returns a :class:`SmootherResult`:
+        Arguments (``compile`` too) as :meth:`geonn.assimilation.ETKF.assimilate`. Returns a :class:`SmootherResult`:
         ``forecast_*`` from the first iterate, ``analysis_*`` at the newest time of each window,
         ``smoothed_*[k]`` given the observations up to ``k + lag``, ``iterations`` per window,
         ``inflation`` the EnKF-N factor ``sqrt(N1 / zeta)`` (with ``xN``), and ``ensemble`` the
         final smoothed ensemble integrated to the last observation time.
         """
         run = self._start(model, observations, dt, prior_mean, prior_spread, ensemble, t0, scheme)
+        run.compile = compile
         window_start = run.ensemble
         n_members, state_dim = window_start.shape
         n1 = n_members - 1
@@ -294,23 +298,30 @@ class IEnKS(_Smoother):
                 start, stop = edges[position + 1], run.steps[newest]
                 observation = run.values[newest]
                 present = ~torch.isnan(observation)
-                y = observation[present]
-                error = run.error.restrict(present)
+                masked = not bool(present.all())
+                y = observation[present] if masked else observation
+                error = run.error.restrict(present) if masked else run.error
                 x0 = window_start.mean(0)
                 X0 = window_start - x0
                 w = torch.zeros(n_members, dtype=x0.dtype)
                 T, T_inv = eye, eye
+                # (eps = 1, the transform version, skips the multiplications and divisions by eps: the same numbers)
                 for iteration in range(self.iterations):
-                    members = x0 + (w + eps * T) @ X0
+                    members = x0 + (w + (T if eps == 1.0 else eps * T)) @ X0
                     forecast = self._forecast(run, members, start, stop)
-                    observed = run.operator(forecast)[:, present]
+                    observed = run.operator(forecast)
+                    if masked:
+                        observed = observed[:, present]
                     forecast_mean = forecast.mean(0)
-                    forecast_anomalies = (forecast - forecast_mean) / eps
+                    observed_mean = observed.mean(0)
+                    forecast_anomalies = forecast - forecast_mean
+                    observed_anomalies = observed - observed_mean
+                    if eps != 1.0:
+                        forecast_anomalies, observed_anomalies = forecast_anomalies / eps, observed_anomalies / eps
                     if iteration == 0:
                         rows["fm"].append(forecast_mean)
                         rows["fs"].append(forecast_anomalies.std(0, correction=1))
-                    observed_mean = observed.mean(0)
-                    Y0 = T_inv @ error.whiten((observed - observed_mean) / eps)
+                    Y0 = T_inv @ error.whiten(observed_anomalies)
                     d = error.whiten(y - observed_mean)
                     u, s, _ = torch.linalg.svd(Y0, full_matrices=False)
                     zeta = float(n1) if self.xN is None else self._zeta(s, w)
@@ -319,7 +330,7 @@ class IEnKS(_Smoother):
                     T_prev_inv = T_inv
                     T, T_inv = math.sqrt(n1) * power(-0.5), power(0.5) / math.sqrt(n1)
                     w = w + dw
-                    if float(dw @ dw) < self.tolerance * n_members:
+                    if self.tolerance > 0 and float(dw @ dw) < self.tolerance * n_members:
                         break
                 rows["iterations"].append(iteration + 1)
                 rows["inflation"].append(math.sqrt(n1 / zeta))
@@ -339,11 +350,7 @@ class IEnKS(_Smoother):
             # the last windows' smoothed ensemble, integrated through the times it has not yet reached
             start = edges[position + 1]
             first = max(position, 0)
-            if run.steps[-1] > start:
-                trajectory = rollout(run.model, window_start, run.steps[-1] - start, run.dt, run.step,
-                                     t0=run.t0 + start * run.dt)
-            else:
-                trajectory = window_start.unsqueeze(0)
+            trajectory = self._forecast(run, window_start, start, run.steps[-1], trajectory=True)
             for j in range(first, n_times):
                 states = trajectory[run.steps[j] - start]
                 smoothed_mean[j] = states.mean(0)
@@ -372,7 +379,9 @@ class IEnKS(_Smoother):
 def _hessian_powers(u: torch.Tensor, s: torch.Tensor, zeta: float, eye: torch.Tensor):
     """``p -> (Y0 Y0^T + zeta I)^p`` as ``(N, N)`` matrices, from the thin SVD ``Y0 = U diag(s) V^T``."""
 
+    base = s**2 + zeta
+
     def power(p: float) -> torch.Tensor:
-        return zeta**p * eye + (u * ((s**2 + zeta) ** p - zeta**p)) @ u.T
+        return zeta**p * eye + (u * (base**p - zeta**p)) @ u.T
 
     return power

@@ -25,7 +25,7 @@ References: dapper (Var3D, Var4D), sakov2012 (the Lorenz-63 setup).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,7 @@ from ..errors import InputError, InputTypeError, describe
 from ..integrators import RungeKuttaStep, rollout
 from ..integrators.integrate import GRADIENTS
 from .ensemble import FilterResult, _check_int, _check_positive
+from .forecast import propagate, step_jacobians
 from .observations import ObservationError, ObservationOperator, Observations
 
 OPTIMIZERS = ("lbfgs", "gauss-newton")
@@ -85,13 +86,14 @@ class _Solved:
 
 
 def climatology(model, x0, dt: float, *, members: int = 32, spinup_steps: int = 1000, n_steps: int = 4000,
-                every: int = 5, seed: int = 0, scheme="rk4") -> tuple[torch.Tensor, torch.Tensor]:
+                every: int = 5, seed: int = 0, scheme="rk4", compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``(state_dim,)`` and covariance ``(state_dim, state_dim)`` of the model's attractor.
 
     ``members`` free runs start at ``x0 + N(0, I)``, are spun up for ``spinup_steps`` steps, then
     sampled every ``every`` steps for ``n_steps`` steps (one batched rollout). A fraction of it is
     the usual static background covariance of 3D-Var and 4D-Var (DAPPER's ``B='clim'``, taken
-    there from the truth; here from the model alone).
+    there from the truth; here from the model alone). ``compile`` fuses the run's steps
+    (:func:`geonn.assimilation.forecast.propagate`; the same covariance to round-off).
 
     Example:
         >>> import torch, geonn
@@ -105,8 +107,8 @@ def climatology(model, x0, dt: float, *, members: int = 32, spinup_steps: int = 
         _check_int(name, value, low)
     start = _state("x0", x0)
     noise = torch.randn(members, start.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    with torch.no_grad():
-        traj = rollout(model, start + noise.to(start.dtype), spinup_steps + n_steps, dt, scheme)
+    step = scheme if isinstance(scheme, RungeKuttaStep) else RungeKuttaStep(scheme)
+    traj = propagate(model, start + noise.to(start.dtype), spinup_steps + n_steps, dt, step, trajectory=True, compile=compile)
     samples = traj[spinup_steps::every].reshape(-1, start.numel())
     return samples.mean(0), torch.cov(samples.T).reshape(start.numel(), start.numel())
 
@@ -252,18 +254,18 @@ class _Variational:
             raise InputTypeError(f"spread: expected True or False, got {describe(self.spread)}")
 
     def background_factor(self, m: int, dtype=torch.float64, *, model=None, x0=None, dt: float | None = None,
-                          scheme="rk4") -> torch.Tensor:
+                          scheme="rk4", compile: bool = False) -> torch.Tensor:
         """``L_B (m, m)`` with ``L_B L_B^T = scale * B``; ``B='climatology'`` needs ``model``, ``x0``, ``dt``."""
         if self.background_std is not None:
             return math.sqrt(self.scale) * _std_factor("background_std", self.background_std, m, dtype)
         if isinstance(self.B, str):
             if model is None or x0 is None or dt is None:
                 raise InputError("B: 'climatology' is computed from a free run of the model; use assimilate(...) or give B as a matrix")
-            _, cov = climatology(model, x0, dt, scheme=scheme)
+            _, cov = climatology(model, x0, dt, scheme=scheme, compile=compile)
             return math.sqrt(self.scale) * _cov_factor("B", cov.to(dtype), m, dtype)
         return math.sqrt(self.scale) * _cov_factor("B", self.B, m, dtype)
 
-    def _setup(self, model, observations, dt, prior_mean, prior_spread, ensemble, t0, scheme):
+    def _setup(self, model, observations, dt, prior_mean, prior_spread, ensemble, t0, scheme, compile=False):
         if not callable(model):
             raise InputTypeError(f"model: expected a tendency f(t, x), got {describe(model)}")
         if not isinstance(observations, Observations):
@@ -282,7 +284,7 @@ class _Variational:
         prior = _state("prior_mean", prior_mean).detach()
         m, dtype = prior.numel(), prior.dtype
         step = scheme if isinstance(scheme, RungeKuttaStep) else RungeKuttaStep(scheme)
-        factor = self.background_factor(m, dtype, model=model, x0=prior, dt=dt, scheme=step)
+        factor = self.background_factor(m, dtype, model=model, x0=prior, dt=dt, scheme=step, compile=compile)
         first = factor if prior_spread is None else _std_factor("prior_spread", prior_spread, m, dtype)
         values, weights = _weights(observations.values, observations.error, dtype)
         return steps, step, prior, first, factor, values, weights
@@ -334,22 +336,22 @@ class Var3D(_Variational):
         self._check_common()
 
     def assimilate(self, model, observations: Observations, dt: float, *, prior_mean=None, prior_spread=None,
-                   ensemble=None, t0: float = 0.0, scheme="rk4") -> VariationalResult:
+                   ensemble=None, t0: float = 0.0, scheme="rk4", compile: bool = False) -> VariationalResult:
         """Cycle forecasts and 3D-Var analyses over every observation time.
 
-        Same arguments as :meth:`geonn.assimilation.ETKF.assimilate`; the background at ``t0`` is
+        Same arguments (``compile`` too) as :meth:`geonn.assimilation.ETKF.assimilate`; the background at ``t0`` is
         ``prior_mean`` (or the mean of ``ensemble``); every analysis uses ``B`` (``prior_spread``
         is accepted for a uniform call but unused).
         """
         steps, step, x, _, factor, values, weights = self._setup(model, observations, dt, prior_mean, prior_spread,
-                                                                 ensemble, t0, scheme)
+                                                                 ensemble, t0, scheme, compile)
         operator = observations.operator
         rows = {key: [] for key in ("fm", "am", "as", "it", "cost")}
         current = 0
         with torch.no_grad():
             for k, target in enumerate(steps):
                 if target > current:
-                    x = rollout(model, x, target - current, dt, step, t0=t0 + current * dt)[-1]
+                    x = propagate(model, x, target - current, dt, step, t0=t0 + current * dt, compile=compile)
                     current = target
                 rows["fm"].append(x)
                 x, covariance, used, cost = self._analyse(x, values[k], weights[k], operator, factor)
@@ -411,6 +413,8 @@ class _Windows:
     values: torch.Tensor  # (b, W, p), 0 where missing or padded
     weights: torch.Tensor  # (b, W, p, p), 0 where missing or padded
     times: torch.Tensor  # (b,) start times
+    compile: bool = False  # fuse the no-gradient rollouts (geonn.assimilation.forecast.propagate)
+    memo: list = field(default_factory=list)  # the last no-gradient trajectories, as (x0, trajectory)
 
     def gather(self, trajectory: torch.Tensor) -> torch.Tensor:
         """The states at the observation offsets ``(b, W, m)`` of trajectories ``(b, L + 1, m)``."""
@@ -425,6 +429,23 @@ class _Windows:
     def tendency(self, model):
         shifts = self.times - self.times[0]
         return _plain(model, None if not bool(shifts.any()) else shifts.unsqueeze(-1))
+
+    def free_run(self, model, step, x0: torch.Tensor, dt: float) -> torch.Tensor:
+        """The trajectories ``(b, L + 1, m)`` from ``x0 (b, m)`` without gradients.
+
+        The Gauss-Newton iterations integrate the same initial states more than once (the line
+        search's accepted step is the next linearisation point; the first linearisation point
+        is the background, whose run is the forecast): the first and the last two are kept and
+        returned again, bit for bit the same."""
+        for start, trajectory in self.memo:
+            if start.shape == x0.shape and torch.equal(start, x0):
+                return trajectory
+        shifted = bool((self.times != self.times[0]).any())
+        f = self.tendency(model) if shifted else model  # the model itself: one compiled entry for every window
+        trajectory = propagate(f, x0, self.length, dt, step, t0=float(self.times[0]), trajectory=True,
+                               compile=self.compile).transpose(0, 1)
+        self.memo = [*self.memo[:1], *self.memo[1:][-1:], (x0, trajectory)]
+        return trajectory
 
 
 def _make_windows(rows: list[list[int]], starts: list[int], steps, values, weights, t0: float, dt: float) -> _Windows:
@@ -458,17 +479,18 @@ class _Windowed(_Variational):
             raise InputError(f"optimizer: expected one of {OPTIMIZERS}, got {self.optimizer!r}")
 
     def assimilate(self, model, observations: Observations, dt: float, *, prior_mean=None, prior_spread=None,
-                   ensemble=None, t0: float = 0.0, scheme="rk4") -> VariationalResult:
+                   ensemble=None, t0: float = 0.0, scheme="rk4", compile: bool = False) -> VariationalResult:
         """Analyse window after window of ``window`` observation times.
 
-        Same arguments as :meth:`geonn.assimilation.ETKF.assimilate`. The first background is
-        ``prior_mean`` at ``t0`` (or the mean of ``ensemble``) with standard deviation
+        Same arguments as :meth:`geonn.assimilation.ETKF.assimilate` (``compile`` fuses the
+        rollouts and step Jacobians that need no gradient: the Gauss-Newton iterations', the
+        climatology's, not L-BFGS's). The first background is ``prior_mean`` at ``t0`` (or the mean of ``ensemble``) with standard deviation
         ``prior_spread`` if given (else ``B``). With ``cycle=True`` each later window's background
         is the previous analysis at its start, with ``B``; with ``cycle=False`` every window is
         analysed from ``prior_mean`` independently, all as one batch.
         """
         steps, step, prior, first, factor, values, weights = self._setup(model, observations, dt, prior_mean, prior_spread,
-                                                                         ensemble, t0, scheme)
+                                                                         ensemble, t0, scheme, compile)
         m, n = prior.numel(), len(steps)
         shift = self.window if self.shift is None else self.shift
         firsts = list(range(0, n, shift))  # window j assimilates rows firsts[j] .. ends[j] - 1 first
@@ -482,6 +504,7 @@ class _Windowed(_Variational):
         background, previous_start, solved = prior.unsqueeze(0), 0, None
         for j, batch in enumerate(batches):
             windows = _make_windows([rows[i] for i in batch], [starts[i] for i in batch], steps, values, weights, t0, dt)
+            windows.compile = compile
             if self.cycle and j > 0:  # the previous analysis at this window's start
                 background = solved.trajectory[:, starts[batch[0]] - previous_start]
             elif not self.cycle:
@@ -591,6 +614,8 @@ class Var4D(_Windowed):
         return cost.reshape(x0.shape[:-1])
 
     def _trajectory(self, model, step, windows, x0, dt, gradient):
+        if not torch.is_grad_enabled():
+            return windows.free_run(model, step, x0, dt)
         traj = rollout(windows.tendency(model), x0, windows.length, dt, step, t0=float(windows.times[0]), gradient=gradient)
         return traj.transpose(0, 1)  # (b, L + 1, m)
 
@@ -612,8 +637,7 @@ class Var4D(_Windowed):
         flows = torch.eye(m, dtype=x0.dtype).expand(b, 1, m, m)
         if length > 0:
             times, states = windows.step_times(dt, x0.dtype), trajectory[:, :-1]
-            # steps are independent, so the Jacobian of the summed output holds each step's own (reverse mode, m outputs)
-            products = torch.func.jacrev(lambda s: step(model, times, s, dt).sum((0, 1)))(states).permute(1, 2, 0, 3)
+            products = step_jacobians(model, step, times, states, dt, compile=windows.compile).permute(1, 2, 0, 3)
             shift = 1
             while shift < length:  # products[:, j] becomes J_j .. J_0 (a Hillis-Steele scan)
                 products = torch.cat((products[:, :shift], products[:, shift:] @ products[:, :-shift]), dim=1)
@@ -747,8 +771,8 @@ class WeakVar4D(_Windowed):
             return self._residuals(model, step, windows, background, factor, model_factor, operator, dt, X)
 
         with torch.no_grad():  # the background's free run: the forecast, and where the optimisation starts
-            free = rollout(windows.tendency(model), background, windows.length, dt, step, t0=float(windows.times[0]))
-        X, used = free.transpose(0, 1), 0
+            free = windows.free_run(model, step, background, dt)
+        X, used = free, 0
         if self.optimizer == "gauss-newton":
             for used in range(1, self.iterations + 1):
                 jac, r = self._jacobian(residuals, X)
@@ -765,7 +789,7 @@ class WeakVar4D(_Windowed):
             X = start + Z * scale
         with torch.no_grad():
             cost = 0.5 * (residuals(X) ** 2).sum(-1)
-        forecast = windows.gather(free.transpose(0, 1))
+        forecast = windows.gather(free)
         analysis_var = forecast_var = start_var = None
         if self.spread:
             jac, _ = self._jacobian(residuals, X)

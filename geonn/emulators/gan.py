@@ -138,7 +138,7 @@ class FieldGenerator(nn.Module):
     is encoded at 1/2 and 1/4 size (pixel unshuffle, 3 x 3 convolutions) and fed to each
     resolution (U-Net skips), and a learned per-point factor times the previous field is added to
     the output (a persistence path). No convolution runs at full size (slow on CPUs for few
-    channels); a 37 x 49 field costs about 3 (unconditional) to 5 (conditional) million
+    channels); a 37 x 49 field costs about 4 (unconditional) to 9 (conditional) million
     multiply-adds at width 16.
     """
 

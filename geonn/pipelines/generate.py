@@ -180,9 +180,10 @@ def _figures(folder: Path, data: FieldData, gan_samples: torch.Tensor, eof_sampl
     titles += [f"EOF-Gaussian sample {i}" for i in range(k)]
     plotting.map_panels(panels, titles, lat, lon, folder / "figures" / "samples_vs_heldout.png", units=data.units,
                         ncols=k, suptitle=f"{data.var}: anomalies from the training climatology")
-    k_axis = radial_wavenumbers(*data.values.shape[-2:])[1:].numpy()
+    longest = max(data.values.shape[-2:])
+    k_axis = (radial_wavenumbers(*data.values.shape[-2:])[1:] * longest).numpy()
     plotting.spectra(k_axis, {name: s[1:].numpy() for name, s in spectra.items()}, folder / "figures" / "spectra.png",
-                     xlabel="wavenumber (cycles per grid step)", ylabel=f"power ({data.units}$^2$)" if data.units else "power")
+                     xlabel=f"wavenumber (cycles per {longest} grid steps)", ylabel=f"power ({data.units}$^2$)" if data.units else "power")
 
 
 def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progress: bool = True) -> dict:

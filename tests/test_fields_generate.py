@@ -200,3 +200,27 @@ def test_options_are_checked():
         Options(samples=3, epochs=0)
     with pytest.raises(InputError, match="learning_rate"):
         Options(samples=3, learning_rate=-1.0)
+
+
+@pytest.mark.slow
+def test_verb_resumes_from_its_checkpoints(tmp_path):
+    from geonn.io import save_checkpoint
+    from geonn.pipelines import open_field
+    from geonn.pipelines.generate import run
+
+    synthetic_file(tmp_path / "in.nc")
+    data = open_field(tmp_path / "in.nc", "tas")
+    tiny = {"samples": 4, "steps_per_epoch": 2, "critic_steps": 1, "batch_size": 4, "width": 4, "noise_dim": 4}
+    for name in ("whole", "cut", "resumed"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "figures").mkdir()
+    run(data, Options(epochs=2, **tiny), tmp_path / "whole", checkpoints=tmp_path / "ck-whole")
+    run(data, Options(epochs=1, **tiny), tmp_path / "cut", checkpoints=tmp_path / "ck-cut")  # stopped after one epoch
+    state = load_checkpoint(tmp_path / "ck-cut" / "gan.pt")
+    state["config"]["epochs"] = 2
+    save_checkpoint(state, tmp_path / "ck-cut" / "gan.pt")
+    run(data, Options(epochs=2, **tiny), tmp_path / "resumed", checkpoints=tmp_path / "ck-cut", resume=True)
+    whole, resumed = (load_checkpoint(tmp_path / name / "model.pt")["gan"]["generator"] for name in ("whole", "resumed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    with open_nc(tmp_path / "whole" / "samples.nc") as a, open_nc(tmp_path / "resumed" / "samples.nc") as b:
+        xr.testing.assert_identical(a, b)

@@ -186,16 +186,23 @@ def _figures(folder: Path, data: FieldData, gan_samples: torch.Tensor, eof_sampl
                      xlabel=f"wavenumber (cycles per {longest} grid steps)", ylabel=f"power ({data.units}$^2$)" if data.units else "power")
 
 
-def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progress: bool = True) -> dict:
-    """Train the GAN, fit the EOF-Gaussian sampler, write the outputs into ``folder``, return the metrics."""
+def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progress: bool = True,
+        checkpoints: Path | None = None, resume: bool = False) -> dict:
+    """Train the GAN, fit the EOF-Gaussian sampler, write the outputs into ``folder``, return the metrics.
+
+    The GAN's training checkpoint (``gan.pt``, written every epoch) goes to ``checkpoints``
+    (default ``folder/checkpoints``, removed at the end); ``resume`` continues from it.
+    """
     torch.manual_seed(seed)
     train = data.split.train
     if options.condition == "previous" and data.n_train < 3:
         raise InputError(f"condition: 'previous' needs at least 3 training steps, got {data.n_train}")
-    checkpoints = folder / "checkpoints"
+    own = checkpoints is None
+    checkpoints = folder / "checkpoints" if own else checkpoints
     gan = FieldGAN(options.gan_config(seed)).fit(data.anomalies[train], data.mask[train], checkpoint_dir=checkpoints,
-                                                 progress=progress)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+                                                 resume=resume, progress=progress)
+    if own:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     draws = torch.Generator().manual_seed(seed + 1)
     n = options.samples
     previous = _condition_fields(n, data) if options.condition == "previous" else None

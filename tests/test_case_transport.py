@@ -55,6 +55,8 @@ def test_the_case_file_uses_the_same_budget_for_both_trainings():
         ("transport.start_epoch=10", r"transport\.start_epoch: expected fewer than training\.epochs \(10\)"),
         ("transport.gradient=finite", r"transport\.gradient: expected one of"),
         ("transport.rollout_steps=0", r"transport\.rollout_steps: expected >= 1"),
+        ("transport.clip_grad_norm=0", r"transport\.clip_grad_norm: expected a norm > 0"),
+        ("transport.balance=1", r"transport\.balance: expected true or false"),
         ("training.refine=lbfgs", r"training\.refine, training\.unroll: the transport case trains with Adam"),
         ("data.obs_noise_std=-1", r"data\.obs_noise_std: expected a noise std >= 0"),
         ("metrics.starts_from=valid", r"metrics\.starts_from: expected 'test' or 'train'"),
@@ -113,6 +115,20 @@ def test_fit_objective_resumes_bit_for_bit(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))
 
 
+def test_a_balanced_auxiliary_term_pulls_with_the_given_ratio():
+    from geonn.cases.objective_fit import _backward
+
+    weights = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=DTYPE))
+    main = (weights**2).sum()  # gradient (2, 4), norm sqrt(20)
+    auxiliary = 1000 * weights[0]  # gradient (1000, 0): its scale must not matter
+    value = _backward((main, auxiliary, 0.5), [weights])
+    assert value == 5.0
+    expected = torch.tensor([2.0, 4.0], dtype=DTYPE) + 0.5 * math.sqrt(20) * torch.tensor([1.0, 0.0], dtype=DTYPE)
+    assert torch.allclose(weights.grad, expected, rtol=1e-12)
+    weights.grad = None
+    assert _backward((weights**2).sum(), [weights]) == 5.0 and torch.equal(weights.grad, torch.tensor([2.0, 4.0], dtype=DTYPE))
+
+
 def test_fit_objective_refuses_a_checkpoint_of_another_config(tmp_path):
     model, loss = _objective_setup()
     fit_objective({"model": model}, loss, 64, TrainConfig(epochs=1, batch_size=16), checkpoint_path=tmp_path / "c.pt", progress=False)
@@ -123,6 +139,8 @@ def test_fit_objective_refuses_a_checkpoint_of_another_config(tmp_path):
         fit_objective({"model": model}, loss, 64, TrainConfig(refine="lbfgs", refine_epochs=1))
     with pytest.raises(InputError, match=r"n_samples: expected an integer >= 1, got 0"):
         fit_objective({"model": model}, loss, 0, TrainConfig())
+    with pytest.raises(InputError, match=r"max_grad_norm: expected a norm > 0 or None, got 0"):
+        fit_objective({"model": model}, loss, 64, TrainConfig(), max_grad_norm=0)
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,22 @@
 
 Both trainings learn the same operator (an MLP inside an RK4 step) on the same data with the same
 optimiser, schedule, batch order and number of epochs. The point-wise training minimises the
-normalised one-step squared error. The transport training adds, from epoch ``start_epoch`` on and
-on every ``every``-th batch,
+normalised one-step squared error ``L_pw``. The transport training adds, from epoch
+``start_epoch`` on and on every ``every``-th batch, the term
 
-    weight * D( {rollout states}, {true attractor samples} )
+    L_ot = D( {rollout states}, {true attractor samples} )
 
 where the rollouts are ``rollout_steps``-step free runs of the learned model from
 ``rollout_starts`` random training states, differentiated through every step, and ``D`` is the
 sliced Wasserstein distance (squared, ``SW_2^2``) or the Sinkhorn divergence (``~W_2^2``) between
 the set of all their states and ``target_samples`` random training states, all standardised by
-the training data's mean and standard deviation. Every random draw (starts, targets, projection
-directions) is seeded by the optimiser step, so a resumed run repeats it.
+the training data's mean and standard deviation. With ``balance = true`` (default) such a step
+follows ``grad L_pw + weight |grad L_pw| / |grad L_ot| grad L_ot``: the transport gradient, which
+through a 100-step rollout is hundreds of times larger than the one-step gradient and would
+otherwise take over Adam's moment estimates, pulls with ``weight`` times the point-wise
+gradient's norm (gradient-norm balancing, wang2021). With ``balance = false`` the loss is
+``L_pw + weight L_ot``. Every random draw (starts, targets, projection directions) is seeded by
+the optimiser step, so a resumed run repeats it.
 
 The attractor is scored on the models themselves, not on data: ``sliced_w_attractor`` is the
 sliced 2-Wasserstein distance (state units) between the states of 10^4-step runs of the learned
@@ -77,7 +82,7 @@ class TransportTerm:
     """The optimal-transport term added to the point-wise loss (dimensionless: on standardised states)."""
 
     distance: str = "sliced"
-    weight: float = 0.1
+    weight: float = 4.0
     start_epoch: int = 5
     every: int = 4
     rollout_steps: int = 100
@@ -86,7 +91,7 @@ class TransportTerm:
     n_projections: int = 64
     blur: float = 0.05
     gradient: str = "backprop"
-    balance: bool = False  # weight is then the ratio of the transport gradient's norm to the point-wise one's
+    balance: bool = True  # weight is the ratio of the transport gradient's norm to the point-wise one's
     clip_grad_norm: float | None = None  # applied to both trainings (the same optimiser for both)
     seed: int = 0
 
@@ -322,12 +327,16 @@ def _write_outputs(case, out, truth, runs, distance, floor) -> None:
         },
     )
     write_netcdf(ds, out / "attractor.nc")
-    _attractor_figure({label: run.reshape(-1, run.shape[-1]).numpy() for label, run in runs.items()}, distance, floor,
-                      truth.component_names(), out / "figures" / "attractors.png")
+    _attractor_figure({label: run.numpy() for label, run in runs.items()}, distance, floor, truth.component_names(),
+                      out / "figures" / "attractors.png", n)
 
 
-def _attractor_figure(states, distance, floor, labels, path):
-    """x-z projections (truth, point-wise, transport) over the truth, and the marginal densities."""
+def _attractor_figure(runs, distance, floor, labels, path, n_steps):
+    """x-z projections (truth, point-wise, transport) over the truth, and the marginal densities.
+
+    ``runs``: label -> states ``(time, runs, d)``; the projections draw every 5th time of every run,
+    the densities all states.
+    """
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -338,12 +347,14 @@ def _attractor_figure(states, distance, floor, labels, path):
     }
     colours = {"truth": "k", "pointwise": "tab:blue", "ot": "tab:red"}
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    states = {label: run.reshape(-1, run.shape[-1]) for label, run in runs.items()}
+    thinned = {label: run[::5].reshape(-1, run.shape[-1]) for label, run in runs.items()}
     truth = states["truth"]
     for ax, label in zip(axes[0], ("truth", "pointwise", "ot")):
-        points = states[label][::5]
+        points = thinned[label]
         points = points[np.isfinite(points).all(-1)]
         if label != "truth":
-            ax.plot(truth[::5, 0], truth[::5, 2], ",", color="0.75")
+            ax.plot(thinned["truth"][:, 0], thinned["truth"][:, 2], ",", color="0.75")
         ax.plot(points[:, 0], points[:, 2], ",", color=colours[label])
         ax.set_xlabel(labels[0]), ax.set_ylabel(labels[2])
         ax.set_title(titles[label], fontsize=10)
@@ -356,7 +367,7 @@ def _attractor_figure(states, distance, floor, labels, path):
                     label={"truth": "true model", "pointwise": "point-wise", "ot": "point-wise + OT"}[label])
         ax.set_xlabel(labels[i]), ax.set_ylabel("density")
     axes[1][0].legend(fontsize=8)
-    fig.suptitle("Attractors from 10^4-step runs from the same test states (SW: sliced 2-Wasserstein distance to the truth)")
+    fig.suptitle(f"Attractors from {n_steps}-step runs from the same states (SW: sliced 2-Wasserstein distance to the truth)")
     fig.tight_layout()
     return write_figure(fig, path)
 

@@ -311,7 +311,7 @@ def _damped_step(states_block, coupling, params_block, gradient, damping: float)
         solved = scipy.linalg.cho_solve_banded((factor, True), np.column_stack((coupling, gradient[:n_states])))
         schur = params_block + np.diag(damping * diagonal[n_states:]) - coupling.T @ solved[:, :n_params]
         rhs = -(gradient[n_states:] - coupling.T @ solved[:, n_params])
-        delta_theta = scipy.linalg.solve(schur, rhs, assume_a="pos")
+        delta_theta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(schur, lower=True), rhs)
     except (np.linalg.LinAlgError, ValueError):
         return None
     delta_states = -(solved[:, n_params] + solved[:, :n_params] @ delta_theta)

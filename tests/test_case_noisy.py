@@ -89,3 +89,5 @@ def test_reduced_run_writes_its_folder(tmp_path):
         assert expected <= set(ds.data_vars) and ds.lead.attrs["units"] == "steps"
     rows = {name: (value, bound, met) for name, value, bound, met in check_expected(case, metrics)}
     assert set(rows) == {"rmse_lead1", "rmse_lead1 / better baseline's", "|lyapunov_max - 0.9|"}
+    again = run_case(case, out, resume=True, progress=False)  # every stage loads its checkpoint
+    assert {k: v for k, v in again.items() if k != "case_seconds"} == {k: v for k, v in metrics.items() if k != "case_seconds"}

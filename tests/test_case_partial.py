@@ -87,3 +87,6 @@ def test_reduced_run_writes_its_folder(tmp_path):
         assert (ds.augmented_dE3.values[:, 0] == ds.truth.values[:, 0]).all()  # the observed component is held exactly
     rows = [name for name, *_ in check_expected(case, metrics)]
     assert rows == ["dE3_rmse_lead1_median", "dE3_rmse_lead4_median", "|dE3_lyapunov_max_median - 0.9|"]
+    # resumed after completion, every stage loads its checkpoint and the metrics repeat exactly
+    again = run_case(case, out, resume=True, progress=False)
+    assert {k: v for k, v in again.items() if k != "case_seconds"} == {k: v for k, v in metrics.items() if k != "case_seconds"}

@@ -372,6 +372,7 @@ def _compiled_chunk():
     global _COMPILED
     if _COMPILED is None:
         # One thread: the fused loops are far too small to split, and OpenMP regions on a busy
-        # machine wait for descheduled threads (measured 10-80x slower with 2 threads).
-        _COMPILED = torch.compile(_chunk, dynamic=False, options={"cpp.threads": 1})
+        # machine wait for descheduled threads (measured 10-80x slower with 2 threads). The C++
+        # wrapper drops the per-call Python overhead (~15% of a 10-step chunk; docs/benchmarks.md).
+        _COMPILED = torch.compile(_chunk, dynamic=False, options={"cpp.threads": 1, "cpp_wrapper": True})
     return _COMPILED

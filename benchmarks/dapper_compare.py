@@ -37,7 +37,7 @@ l96-every4 EnKF-N N=20  ``EnKF_N(N=20)``                               ``EnKFN(2
 ======================  =============================================  ==================================================
 
 DAPPER's ``mods`` list no 4D-Var tuning for sakov2012; ``Var4D(Lag=1, xB=0.002)`` was the best of
-Lag 1, 2, 4 x xB 0.0002-0.1 on twin seed 1 (500 cycles, not scored here; docs/benchmarks.md). DAPPER 1.7.1's
+Lag 1, 2, 4 x xB 0.0002-0.1 on twin seed 1 (500 cycles; not a default twin; docs/benchmarks.md). DAPPER 1.7.1's
 ``Var4D`` calls ``Obs(ko)(ko).linear`` (a bug: the operator applied to the integer ``ko``); the HMM
 built here lets the observation operator, called with an integer, return itself, which is what the
 code means. The "DAPPER's form" row runs geonn's Var4D in DAPPER's cycling (one observation time

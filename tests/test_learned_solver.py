@@ -256,6 +256,8 @@ def test_the_4dvarnet_case_runs_reduced_and_resumes(tmp_path):
     with xr.open_dataset(out / "windows.nc") as ds:
         assert ds.truth.dims == ("window", "step", "component") and ds.sizes["window"] == 4
         assert ds.rmse_by_step.attrs["long_name"] and ds.learned.attrs["units"] == "1"
+        assert list(ds.estimate.values) == ["learned", "first_guess", "var4d", "var4d_plain", "enks"]
+        assert float(ds.rmse_by_step.sel(estimate="learned").mean()) > 0
     assert (out / "checkpoints" / "solver.pt").is_file()
     again = run_case(case, out, resume=True, progress=False)  # a finished run resumes to the same scores
     assert again["rmse_learned"] == metrics["rmse_learned"] and again["rmse_4dvar"] == metrics["rmse_4dvar"]

@@ -116,7 +116,8 @@ def _quiet():
 def _compiled():
     global _COMPILED
     if _COMPILED is None:
-        _COMPILED = torch.compile(_chunk, dynamic=False, options=_OPTIONS)
+        with _quiet():
+            _COMPILED = torch.compile(_chunk, dynamic=False, options=_OPTIONS)
     return _COMPILED
 
 
@@ -133,7 +134,8 @@ def step_jacobians(model, step: RungeKuttaStep, times: torch.Tensor, states: tor
         return _jacobians(model, step, times, states, dt)
     global _COMPILED_JACOBIANS
     if _COMPILED_JACOBIANS is None:
-        _COMPILED_JACOBIANS = torch.compile(_jacobians, dynamic=False, options=_OPTIONS)
+        with _quiet():
+            _COMPILED_JACOBIANS = torch.compile(_jacobians, dynamic=False, options=_OPTIONS)
     with _limits(), _quiet():
         return _COMPILED_JACOBIANS(model, step, times, states, dt)
 

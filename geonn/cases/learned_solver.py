@@ -14,7 +14,8 @@ steps, Gaussian noise), then:
    (:class:`~geonn.assimilation.windows.WindowVar4D`: quasi-static and all-at-once) and with the
    EnKS (:class:`~geonn.assimilation.windows.WindowEnKS`), all batched over windows;
 4. writes ``windows.nc`` (the first ``save_windows`` test windows: truth, observations and every
-   estimate; the RMSE of each method by step over all test windows), ``figures/*.png`` and the
+   estimate, ``var4d`` for 4D-Var; ``rmse_by_step(estimate, step)`` over all scored test windows),
+   ``figures/*.png`` and the
    metrics ``rmse_<method>`` (every step of every test window), ``rmse_<method>_interior``
    (the observed part, steps ``edge .. window - edge - 1``) and ``median_window_rmse_<method>``.
 """
@@ -238,8 +239,7 @@ def build_prior(case: LearnedSolverCase, windows: WindowData, out: Path, *, resu
             loaded = load_model(prior.checkpoint, state_dim)
         except InputError as err:
             raise ConfigError(f"prior.checkpoint: {err}") from None
-        tendency, step = loaded.tendency, loaded.step
-        return tendency, step, {"prior_source": loaded.description.get("run", prior.checkpoint)}
+        return loaded.tendency, loaded.step, {}
     torch.manual_seed(case.seed)
     sample = windows.train[: max(1, prior.pretrain_windows)].transpose(0, 1)  # (steps, windows, D)
     flat = sample.reshape(-1, state_dim)
@@ -353,7 +353,7 @@ def run_learned_solver(case: LearnedSolverCase, out: Path, *, resume: bool = Fal
     metrics["baseline_windows"] = n_base
 
     write_netcdf(windows_dataset(case, test, values, estimates, truth_model), out / "windows.nc")
-    write_case_figures(case, out / "figures", test, values, estimates, result.history)
+    write_case_figures(case, out / "figures", test, values, estimates, result.history, truth_model.component_names())
     metrics["case_seconds"] = time.perf_counter() - started
     return metrics
 
@@ -370,8 +370,13 @@ LONG_NAMES = {
 }
 
 
+# netCDF variable names (CF names start with a letter)
+VARIABLES = {"learned": "learned", "4dvar": "var4d", "4dvar_plain": "var4d_plain", "enks": "enks",
+             "first_guess": "first_guess"}
+
+
 def windows_dataset(case: LearnedSolverCase, test, values, estimates: dict, truth_model) -> xr.Dataset:
-    """The first ``save_windows`` test windows (truth, observations, estimates) and the RMSE of every method by step."""
+    """The first ``save_windows`` test windows (truth, observations, estimates) and the RMSE of every estimate by step."""
     data = case.data
     keep = min(case.save_windows, test.shape[0])
     steps = np.arange(data.window)
@@ -384,18 +389,19 @@ def windows_dataset(case: LearnedSolverCase, test, values, estimates: dict, trut
     }
     for name, estimate in estimates.items():
         n = min(keep, estimate.shape[0])
-        variables[name] = (dims, np.pad(estimate[:n].numpy(), ((0, keep - n), (0, 0), (0, 0)), constant_values=np.nan),
-                           {"long_name": LONG_NAMES[name], **units})
-    methods = list(estimates)
-    by_step = np.stack([(estimates[m] - test[: estimates[m].shape[0]]).pow(2).mean((0, 2)).sqrt().numpy() for m in methods])
-    variables["rmse_by_step"] = (("method", "step"), by_step,
+        variables[VARIABLES[name]] = (
+            dims, np.pad(estimate[:n].numpy(), ((0, keep - n), (0, 0), (0, 0)), constant_values=np.nan),
+            {"long_name": LONG_NAMES[name], **units})
+    labels = list(estimates)
+    by_step = np.stack([(estimates[m] - test[: estimates[m].shape[0]]).pow(2).mean((0, 2)).sqrt().numpy() for m in labels])
+    variables["rmse_by_step"] = (("estimate", "step"), by_step,
                                  {"long_name": "RMSE over the scored test windows and components at each step", **units})
     coords = {
         "window": ("window", np.arange(keep), {"long_name": "test window index", "units": "1"}),
         "step": ("step", steps, {"long_name": "model step from the window start", "units": "1"}),
         "time": ("step", steps * data.dt, {"long_name": "time from the window start", "units": "model time units"}),
         "component": ("component", names, {"long_name": "state component"}),
-        "method": ("method", methods, {"long_name": "reconstruction method"}),
+        "estimate": ("estimate", [VARIABLES[m] for m in labels], {"long_name": "reconstruction method (its variable)"}),
     }
     attrs = {"title": f"geonn case {case.name}: test windows", "Conventions": "CF-1.8", "source": f"geonn {__version__}",
              "case": case.name, "model": data.model, "dt": data.dt, "observation_every": data.every,
@@ -403,7 +409,8 @@ def windows_dataset(case: LearnedSolverCase, test, values, estimates: dict, trut
     return xr.Dataset(variables, coords=coords, attrs=attrs)
 
 
-def write_case_figures(case: LearnedSolverCase, folder: Path, test, values, estimates: dict, history: list) -> list[Path]:
+def write_case_figures(case: LearnedSolverCase, folder: Path, test, values, estimates: dict, history: list,
+                       names=None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -421,7 +428,7 @@ def write_case_figures(case: LearnedSolverCase, folder: Path, test, values, esti
         for name in ("learned", "4dvar", "enks"):
             if name in estimates:
                 ax.plot(steps, estimates[name][0, :, i].numpy(), color=colors[name], lw=1, label=name)
-        ax.set_ylabel(str(i))
+        ax.set_ylabel(str(names[i]) if names else str(i))
     axes[0, 0].legend(loc="upper right", fontsize=8, ncol=5)
     axes[-1, 0].set_xlabel("time from the window start (model time units)")
     fig.suptitle(f"{case.name}: first test window", fontsize=10)

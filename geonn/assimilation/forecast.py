@@ -23,7 +23,8 @@ import torch
 
 from ..integrators import RungeKuttaStep, rollout
 
-_MAX_CHUNK = 10
+_MAX_CHUNK = 25  # steps per compiled call: a 25-step assimilation cycle is one call (dynamo's guards
+# cost ~100 us a call, more than the fused kernel of a few steps; compiling 25 steps takes ~30 s cold)
 _RECOMPILE_LIMIT = 64
 # One thread: the fused loops are far too small to split (as geonn.integrators' compiled chunks); the
 # C++ wrapper calls the kernels without Python, which halves the cost of a call (~50 us).

@@ -15,6 +15,14 @@ strong-constraint limit); a decreasing schedule of them is a continuation from a
 trajectory towards a dynamically consistent one. Entries observed with ``sigma_o = 0`` are held at
 their observed values (exact observations, e.g. the observed component of an augmented state).
 
+Under ``torchrun`` (:mod:`geonn.distributed`) the windows are sharded over the ranks when there
+are at least as many as ranks: each rank builds the normal equations of its windows, eliminates
+their states, and the Schur complements over the parameters, the right-hand sides and the costs
+are summed over the ranks, so every rank takes the Levenberg-Marquardt step of the whole problem
+(the states of different windows do not couple). One trajectory (one window) is one banded
+system that does not split: it runs replicated, the same computation on every rank. Either
+way rank 0 alone writes the checkpoint and shows the bar, and a resume starts every rank from it.
+
 Minimisation is by Levenberg-Marquardt (more1978) on the stacked residuals. The Jacobian is
 sparse: each dynamical residual touches two states and the model's parameters, so the damped
 normal equations are a banded block over the states bordered by a dense block over the
@@ -51,9 +59,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import InputError, InputTypeError, describe
 from .integrators import RungeKuttaStep
-from .io import load_checkpoint, save_checkpoint
+from .io import save_checkpoint
 
 CHECKPOINT_NAME = "joint.pt"
 CHECKPOINT_FORMAT = 1
@@ -206,6 +215,7 @@ class _Problem:
         self.flat = _FlatFlow(model, step, dt, trainable=train_model)
         self.n_params = self.flat.n_params
         self.theta, self.load_theta, self._phi = self.flat.theta, self.flat.load_theta, self.flat.phi
+        self.sharded = False  # True: this rank holds its share of the windows, sums go over the ranks
 
     # -- residuals ---------------------------------------------------------------------------
     def residual_parts(self, states: torch.Tensor, theta: torch.Tensor, model_std: float) -> list[torch.Tensor]:
@@ -222,11 +232,15 @@ class _Problem:
                 parts.append(((states[:, k:].reshape(-1, self.state_dim) - forecast) / scale).reshape(-1))
         return parts
 
-    def cost(self, states, theta, model_std) -> tuple[float, float, np.ndarray]:
+    def cost(self, states, theta, model_std) -> tuple[float, float]:
+        """``J`` and its observation half (over every rank's windows when sharded)."""
         parts = self.residual_parts(states, theta, model_std)
-        r = torch.cat(parts).numpy()
-        obs = float(parts[0] @ parts[0])
-        return 0.5 * float(r @ r), 0.5 * obs, r
+        r = torch.cat(parts)
+        sums = torch.stack((r @ r, parts[0] @ parts[0]))
+        if self.sharded:
+            sums = distributed.all_reduce_sum(sums)
+        total, obs = sums.tolist()
+        return 0.5 * total, 0.5 * obs
 
     # -- normal equations ------------------------------------------------------------------------
     def normal_equations(self, states: torch.Tensor, theta: torch.Tensor, model_std: float):
@@ -292,26 +306,48 @@ class _Problem:
         return states_block, coupling.reshape(n_all, P)[free], params_block, gradient
 
 
-def _damped_step(states_block, coupling, params_block, gradient, damping: float) -> np.ndarray | None:
+def _damped_step(states_block, coupling, params_block, gradient, damping: float, sharded: bool = False) -> np.ndarray | None:
     """Solve ``(A + damping diag(A)) delta = -g``: banded Cholesky over the states, Schur complement
-    over the parameters. Returns None when the damped matrix is not numerically positive definite."""
+    over the parameters. Returns None when the damped matrix is not numerically positive definite.
+
+    ``sharded``: the blocks are this rank's windows (its states, and its terms of the parameter
+    block and gradient); the states are eliminated rank by rank (windows do not couple states),
+    the Schur complements and right-hand sides are summed over the ranks, and every rank solves
+    the same parameter step (``J^T J`` and ``J^T r`` of the whole problem, reduced).
+    """
     n_states, n_params = coupling.shape
-    diagonal = np.concatenate((states_block.diagonal(), np.diag(params_block)))
-    diagonal = np.maximum(diagonal, 1e-12 * max(float(diagonal.max(initial=0.0)), 1e-300))
+    params_diagonal = np.diag(params_block).copy()
+    if sharded and n_params:
+        params_diagonal = distributed.all_reduce_sum(torch.as_tensor(params_diagonal)).numpy()
+    diagonal = np.concatenate((states_block.diagonal(), params_diagonal))
+    top = float(diagonal.max(initial=0.0))
+    if sharded:
+        top = distributed.all_reduce_max(top)
+    diagonal = np.maximum(diagonal, 1e-12 * max(top, 1e-300))
     coo = states_block.tocoo()
     bandwidth = int(np.abs(coo.row - coo.col).max(initial=0))
     banded = np.zeros((bandwidth + 1, n_states))
     for k in range(bandwidth + 1):
         banded[k, : n_states - k] = states_block.diagonal(-k)
     banded[0] += damping * diagonal[:n_states]
+    failed = 0.0
     try:
         factor = scipy.linalg.cholesky_banded(banded, lower=True)
-        if not n_params:
-            return -scipy.linalg.cho_solve_banded((factor, True), gradient)
         solved = scipy.linalg.cho_solve_banded((factor, True), np.column_stack((coupling, gradient[:n_states])))
-        schur = params_block + np.diag(damping * diagonal[n_states:]) - coupling.T @ solved[:, :n_params]
-        rhs = -(gradient[n_states:] - coupling.T @ solved[:, n_params])
-        delta_theta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(schur, lower=True), rhs)
+    except (np.linalg.LinAlgError, ValueError):
+        failed, solved = 1.0, np.zeros((n_states, n_params + 1))
+    schur = params_block - coupling.T @ solved[:, :n_params]  # this rank's part of the Schur complement
+    rhs = gradient[n_states:] - coupling.T @ solved[:, n_params]
+    if sharded:
+        reduced = distributed.all_reduce_sum(torch.as_tensor(np.concatenate(([failed], schur.reshape(-1), rhs)))).numpy()
+        failed, schur, rhs = reduced[0], reduced[1: 1 + n_params**2].reshape(n_params, n_params), reduced[1 + n_params**2:]
+    if failed:
+        return None
+    if not n_params:
+        return -solved[:, 0]
+    try:
+        delta_theta = scipy.linalg.cho_solve(scipy.linalg.cho_factor(schur + np.diag(damping * diagonal[n_states:]), lower=True),
+                                             -rhs)
     except (np.linalg.LinAlgError, ValueError):
         return None
     delta_states = -(solved[:, n_params] + solved[:, :n_params] @ delta_theta)
@@ -349,8 +385,12 @@ def _check_inputs(observations, mask, states):
     return mask, states
 
 
-def _prepare(model, observations, dt, mask, states, obs_std, dynamics_scale, step, horizons, train_model):
-    """Checked inputs as a :class:`_Problem` and initial states ``(window, time, state_dim)``."""
+def _prepare(model, observations, dt, mask, states, obs_std, dynamics_scale, step, horizons, train_model, context=None):
+    """Checked inputs as a :class:`_Problem` and initial states ``(window, time, state_dim)``.
+
+    With a distributed ``context`` and at least as many windows as ranks, the problem holds this
+    rank's windows ``[rank::world]`` (``problem.sharded``); the states returned are still all of them.
+    """
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model: expected a torch.nn.Module tendency, got {describe(model)}")
     if isinstance(dt, bool) or not isinstance(dt, int | float) or not math.isfinite(dt) or dt <= 0:
@@ -366,8 +406,17 @@ def _prepare(model, observations, dt, mask, states, obs_std, dynamics_scale, ste
         raise InputError(f"observations: expected last dimension {expected_dim} for the model, got {tuple(observations.shape)}")
     obs_std = _per_component("obs_std", obs_std, state_dim, allow_zero=True)
     dynamics_scale = _per_component("dynamics_scale", dynamics_scale, state_dim, allow_zero=False)
-    problem = _Problem(model, step, float(dt), observations, mask.contiguous(), obs_std, dynamics_scale, horizons, train_model)
-    states = torch.where(problem.free, states.to(torch.float64), observations)  # held entries take the observed values
+    mask = mask.contiguous()
+    sharded = context is not None and context.distributed and observations.shape[0] >= context.world
+    if sharded:
+        problem = _Problem(model, step, float(dt), distributed.shard(observations, context), distributed.shard(mask, context),
+                           obs_std, dynamics_scale, horizons, train_model)
+        problem.sharded = True
+        free = ~(mask & (obs_std == 0))
+    else:
+        problem = _Problem(model, step, float(dt), observations, mask, obs_std, dynamics_scale, horizons, train_model)
+        free = problem.free
+    states = torch.where(free, states.to(torch.float64), observations)  # held entries take the observed values
     return problem, states, single
 
 
@@ -426,14 +475,15 @@ def estimate_jointly(
     step = step or RungeKuttaStep("rk4")
     if resume and checkpoint_dir is None:
         raise InputError("resume: resuming needs checkpoint_dir, got None")
+    context = distributed.setup("cpu")
     problem, states, single = _prepare(model, observations, dt, mask, states, obs_std, dynamics_scale, step,
-                                       config.horizons, config.train_model)
-
+                                       config.horizons, config.train_model, context)
+    n_windows = states.shape[0]
     result = JointResult(states=states)
     epoch, damping = 0, config.initial_damping
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if resume and path.is_file():
-        saved = load_checkpoint(path)
+    saved = distributed.resume_state(path, resume)
+    if saved is not None:
         _check_resumable(saved, config, tuple(states.shape), path)
         model.load_state_dict(saved["model"])
         step.load_state_dict(saved["step"])
@@ -443,15 +493,18 @@ def estimate_jointly(
         result.seconds = float(saved["seconds"])
         result.resumed_from_epoch = epoch
 
-    bar = tqdm(total=config.epochs, initial=epoch, desc="joint", unit="epoch", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.epochs, initial=epoch, desc="joint", unit="epoch", disable=not distributed.show_progress(progress),
+               dynamic_ncols=True)
     try:
         while epoch < config.epochs:
             started = time.perf_counter()
             model_std = float(config.model_std[epoch // config.epochs_per_stage])
             if epoch % config.epochs_per_stage == 0 and epoch > 0:
                 damping = config.initial_damping  # a new stage is a new problem
-            states, damping, evaluations = _levenberg_marquardt(problem, states, model_std, damping, config)
-            total, obs, _ = problem.cost(states, problem.theta(), model_std)
+            local = distributed.shard(states, context) if problem.sharded else states
+            local, damping, evaluations = _levenberg_marquardt(problem, local, model_std, damping, config)
+            total, obs = problem.cost(local, problem.theta(), model_std)
+            states = distributed.gather_shards(local, n_windows) if problem.sharded else local
             if not math.isfinite(total):
                 raise InputError(f"joint estimation diverged at epoch {epoch}: the cost is {total}; check the data and initial states")
             epoch += 1
@@ -459,10 +512,9 @@ def estimate_jointly(
             result.history.append({"epoch": epoch, "model_std": model_std, "cost": total, "observation_cost": obs,
                                    "dynamics_cost": total - obs, "damping": damping, "iterations": evaluations,
                                    "seconds": time.perf_counter() - started})
-            if path is not None:
-                save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": step.state_dict(),
-                                 "states": states, "epoch": epoch, "damping": damping, "history": result.history,
-                                 "seconds": result.seconds, "config": dataclasses.asdict(config)}, path)
+            distributed.save_on_main({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": step.state_dict(),
+                                      "states": states, "epoch": epoch, "damping": damping, "history": result.history,
+                                      "seconds": result.seconds, "config": dataclasses.asdict(config)}, path, save_checkpoint)
             bar.set_postfix(cost=f"{total:.4e}", model_std=f"{model_std:.0e}")
             bar.update(1)
     finally:
@@ -474,7 +526,7 @@ def estimate_jointly(
 def _levenberg_marquardt(problem: _Problem, states, model_std, damping, config) -> tuple[torch.Tensor, float, int]:
     """``config.iterations`` Jacobians' worth of LM steps from ``states`` and the model's parameters."""
     theta = problem.theta()
-    total, _, _ = problem.cost(states, theta, model_std)
+    total, _ = problem.cost(states, theta, model_std)
     free = problem.free
     evaluations = 0
     while evaluations < config.iterations:
@@ -482,13 +534,13 @@ def _levenberg_marquardt(problem: _Problem, states, model_std, damping, config) 
         evaluations += 1
         improved = False
         while damping < 1e16:
-            delta = _damped_step(*blocks, damping)
+            delta = _damped_step(*blocks, damping, problem.sharded)
             if delta is not None:
                 delta = torch.as_tensor(delta)
                 trial_states = states.clone()
                 trial_states[free] += delta[: problem.n_states]
                 trial_theta = theta + delta[problem.n_states:]
-                trial_total, _, _ = problem.cost(trial_states, trial_theta, model_std)
+                trial_total, _ = problem.cost(trial_states, trial_theta, model_std)
                 if math.isfinite(trial_total) and trial_total < total:
                     gain = (total - trial_total) / total
                     states, theta, total = trial_states, trial_theta, trial_total
@@ -510,7 +562,7 @@ def joint_cost(model, states, observations, dt, *, mask=None, obs_std=1.0, dynam
     """
     step = step or RungeKuttaStep("rk4")
     problem, states, _ = _prepare(model, observations, dt, mask, states, obs_std, dynamics_scale, step, list(horizons), False)
-    total, obs, _ = problem.cost(states, problem.theta(), float(model_std))
+    total, obs = problem.cost(states, problem.theta(), float(model_std))
     return {"observation": obs, "dynamics": total - obs, "total": total}
 
 

@@ -9,8 +9,11 @@ same weights, bit for bit, as a run that was never interrupted.
 Under ``torchrun`` (:mod:`geonn.distributed`) the Adam phase runs data-parallel: every global
 batch is sharded over the ranks, DistributedDataParallel all-reduces the gradients, and the
 result equals a one-process run with the same global batch up to floating-point summation order.
-The full-batch refinements run replicated (the same computation on every rank). Rank 0 writes
-the checkpoints and shows the progress bar; on resume every rank starts from rank 0's checkpoint.
+The L-BFGS refinement shards its full batch the same way (every rank sees the global loss and
+gradient, so every rank takes the same step); the Levenberg-Marquardt refinement shards its
+samples and exchanges the R factors of their Jacobians (see :func:`_levenberg_marquardt`), so
+every rank solves the same damped problem. Rank 0 writes the checkpoints and shows the progress
+bar; on resume every rank starts from rank 0's checkpoint.
 """
 
 from __future__ import annotations
@@ -262,13 +265,15 @@ def fit(
 
                     def closure(everything=everything):
                         lbfgs.zero_grad(set_to_none=True)
-                        value = batch_loss(everything)
-                        value.backward()
+                        loss, value = shard_loss(everything)  # under torchrun: this rank's share, gradients all-reduced
+                        loss.backward()
                         return value
 
                     lbfgs.step(closure)
                 else:
-                    _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, config.refine_iterations)
+                    mine = distributed.shard(everything, context)  # all of them outside torchrun
+                    _levenberg_marquardt(model, step, starts[mine], targets[mine], dt, loss_scale, config.refine_iterations,
+                                         sharded=context.distributed)
                 with torch.no_grad():
                     epoch_loss = float(batch_loss(everything))
                 phase = config.refine
@@ -359,7 +364,7 @@ class _Rollout(nn.Module):
         return torch.stack(states)
 
 
-def _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, max_evaluations: int) -> None:
+def _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, max_evaluations: int, sharded: bool = False) -> None:
     """Minimise the full-batch rollout residuals by Levenberg-Marquardt (more1978), in torch.
 
     The Jacobian of the residuals w.r.t. the trainable parameters is built per sample with
@@ -369,6 +374,13 @@ def _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, max_evalu
     symmetries). Deterministic, so a resumed refinement repeats bit for bit. (scipy's MINPACK
     wrapper reads past its Jacobian buffer for rank-deficient problems, and LAPACK's gelsy behind
     ``torch.linalg.lstsq`` is not repeatable on them either.)
+
+    ``sharded`` (under ``torchrun``): ``starts`` and ``targets`` are this rank's samples. Each rank
+    factors its rows of the Jacobian, ``J_i = Q_i R_i``, and the ranks exchange ``R_i`` and
+    ``Q_i^T r_i`` (``n_params`` rows each): the stacked factors have the normal equations of the
+    whole problem (``sum R_i^T R_i = J^T J``, ``sum R_i^T Q_i^T r_i = J^T r``), so every rank solves
+    the same damped problem by the same QR (a tall-skinny QR) and takes the single-process step,
+    up to rounding. Costs and the column scaling are summed over the ranks.
     """
     wrapper = _Rollout(model, step, targets.shape[1], dt)
     named = [(n, p) for n, p in wrapper.named_parameters() if p.requires_grad]
@@ -378,6 +390,8 @@ def _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, max_evalu
     fixed = {n: p for n, p in wrapper.named_parameters() if not p.requires_grad}
     fixed.update(dict(wrapper.named_buffers()))
     n_residuals = targets.numel()
+    if sharded:
+        n_residuals = int(distributed.all_reduce_sum(torch.tensor(n_residuals, dtype=torch.float64, device=targets.device)))
     n_params = sum(sizes)
     if n_params > n_residuals:
         raise InputError(f"refine: 'lm' needs at least as many residuals ({n_residuals}) as parameters ({n_params}); use 'lbfgs'")
@@ -394,24 +408,35 @@ def _levenberg_marquardt(model, step, starts, targets, dt, loss_scale, max_evalu
         with torch.no_grad():
             return batched(theta, starts, targets).reshape(-1)
 
+    def total(r):
+        square = r @ r
+        return float(distributed.all_reduce_sum(square) if sharded else square)
+
     theta = torch.cat([p.detach().reshape(-1) for _, p in named]).to(torch.float64)
     r = residuals(theta)
-    cost = float(r @ r)
+    cost = total(r)
     damping = 1e-3
     evaluations = 1
     while evaluations < max_evaluations and cost > 0.0:
-        jac = jacobian(theta, starts, targets).reshape(n_residuals, n_params).detach().to(torch.float64)
-        scale = jac.pow(2).sum(0).clamp_min(1e-30).sqrt()  # Marquardt's diagonal scaling
+        jac = jacobian(theta, starts, targets).reshape(-1, n_params).detach().to(torch.float64)
+        squares = jac.pow(2).sum(0)
+        scale = (distributed.all_reduce_sum(squares) if sharded else squares).clamp_min(1e-30).sqrt()  # Marquardt's scaling
+        design, target = jac, -r
+        if sharded:  # the ranks' R factors and rotated residuals stacked: the same least-squares problem
+            q, upper = torch.linalg.qr(jac)
+            parts = distributed.all_gather((upper.cpu(), (q.T @ target).cpu()))
+            design = torch.cat([p[0] for p in parts]).to(jac.device)
+            target = torch.cat([p[1] for p in parts]).to(jac.device)
         improved = False
         while evaluations < max_evaluations:
-            augmented = torch.cat((jac, math.sqrt(damping) * torch.diag(scale)))
-            rhs = torch.cat((-r, torch.zeros(n_params, dtype=r.dtype, device=r.device)))
+            augmented = torch.cat((design, math.sqrt(damping) * torch.diag(scale)))
+            rhs = torch.cat((target, torch.zeros(n_params, dtype=r.dtype, device=r.device)))
             q, upper = torch.linalg.qr(augmented)  # Householder QR: repeatable bit for bit (lstsq's gelsy is not, here)
             delta = torch.linalg.solve_triangular(upper, (q.T @ rhs).unsqueeze(-1), upper=True).squeeze(-1)
             trial = theta + delta
             r_trial = residuals(trial)
             evaluations += 1
-            cost_trial = float(r_trial @ r_trial)
+            cost_trial = total(r_trial)
             if math.isfinite(cost_trial) and cost_trial < cost:
                 relative_gain = (cost - cost_trial) / cost
                 theta, r, cost = trial, r_trial, cost_trial

@@ -25,6 +25,14 @@ solver together (the supervised setting of fablet2021):
     ``loss = mean |x_hat - x_true|^2 / scale^2  +  prior_weight mean |z_true - Phi(z_true)|^2``
 
 Windows are a tensor dimension throughout: ``(windows, steps, D)``.
+
+Under ``torchrun`` (:mod:`geonn.distributed`) :meth:`LearnedSolver.fit` runs data-parallel: every
+rank draws the same global batch order, solves its share of each batch's windows
+(``idx[rank::world]``) with the loss weighted by that share, and the gradients are summed over the
+ranks before clipping and the Adam step, so every rank takes the step of one process with the
+same global batch (up to floating-point summation order; the windows are independent through the
+solver). The validation windows are sharded the same way. Rank 0 writes the checkpoints and
+shows the bar; a resume starts every rank from rank 0's checkpoint.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import InputError, InputTypeError, NotFittedError, describe
 from ..integrators import RungeKuttaStep
 from ..io import load_checkpoint, save_checkpoint
@@ -415,6 +424,7 @@ class LearnedSolver(nn.Module):
         target = self.standardise(truth)
 
         parameters = [p for p in self.parameters() if p.requires_grad]
+        context = distributed.setup(self.mean.device)
         adam = torch.optim.Adam(parameters, lr=config.learning_rate)
         n_batches = math.ceil(values.shape[0] / config.batch_size)
         total = max(1, config.epochs * n_batches)
@@ -424,8 +434,8 @@ class LearnedSolver(nn.Module):
         generator = torch.Generator().manual_seed(config.seed)
         result, epoch = SolverFitResult(), 0
         path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-        if resume and path.is_file():
-            state = load_checkpoint(path)
+        state = distributed.resume_state(path, resume)
+        if state is not None:
             _check_resumable(state, config, path)
             self.load_state_dict(state["solver"])
             adam.load_state_dict(state["adam"])
@@ -438,7 +448,7 @@ class LearnedSolver(nn.Module):
 
         self.train()
         bar = tqdm(total=config.epochs * n_batches, initial=epoch * n_batches, desc="fit solver", unit="batch",
-                   disable=not progress, dynamic_ncols=True)
+                   disable=not distributed.show_progress(progress), dynamic_ncols=True)
         try:
             while epoch < config.epochs:
                 started = time.perf_counter()
@@ -447,17 +457,25 @@ class LearnedSolver(nn.Module):
                 for b in range(n_batches):
                     idx = order[b * config.batch_size: (b + 1) * config.batch_size]
                     adam.zero_grad(set_to_none=True)
-                    z = self._solve(values[idx], create_graph=True)
-                    reconstruction = (z - target[idx]).pow(2).mean()
-                    prior = self.prior_misfit(target[idx]).pow(2).mean()
-                    loss = reconstruction + config.prior_weight * prior
-                    loss.backward()
+                    local = distributed.shard(idx, context)  # all of idx outside torchrun
+                    terms = torch.zeros(3, dtype=values.dtype, device=values.device)  # this share's part of (loss, reconstruction, prior)
+                    if local.numel():
+                        weight = distributed.share(local.numel(), idx.numel())
+                        z = self._solve(values[local], create_graph=True)
+                        reconstruction = (z - target[local]).pow(2).mean()
+                        prior = self.prior_misfit(target[local]).pow(2).mean()
+                        loss = reconstruction + config.prior_weight * prior
+                        (weight * loss).backward()
+                        terms = weight * torch.stack((loss, reconstruction, prior)).detach()
+                    if context.distributed:
+                        distributed.all_reduce_gradients(parameters)
+                        terms = distributed.all_reduce_sum(terms)
                     if config.clip > 0:
                         nn.utils.clip_grad_norm_(parameters, config.clip)
                     adam.step()
                     scheduler.step()
-                    for key, value in (("loss", loss), ("reconstruction", reconstruction), ("prior", prior)):
-                        sums[key] += float(value.detach()) * idx.numel()
+                    for key, value in zip(("loss", "reconstruction", "prior"), terms.tolist()):
+                        sums[key] += value * idx.numel()
                     bar.update(1)
                 means = {key: value / values.shape[0] for key, value in sums.items()}
                 if not math.isfinite(means["loss"]):
@@ -469,13 +487,12 @@ class LearnedSolver(nn.Module):
                 if validation is not None:
                     record["validation_rmse"] = self._validation_rmse(*validation)
                 result.history.append(record)
-                if path is not None:
-                    save_checkpoint({
-                        "format": CHECKPOINT_FORMAT, "solver": self.state_dict(), "adam": adam.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch,
-                        "history": result.history, "train_seconds": result.train_seconds,
-                        "config": dataclasses.asdict(config),
-                    }, path)
+                distributed.save_on_main({
+                    "format": CHECKPOINT_FORMAT, "solver": self.state_dict(), "adam": adam.state_dict(),
+                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "epoch": epoch,
+                    "history": result.history, "train_seconds": result.train_seconds,
+                    "config": dataclasses.asdict(config),
+                }, path, save_checkpoint)
                 shown = {"loss": f"{means['loss']:.3e}"}
                 if validation is not None:
                     shown["validation_rmse"] = f"{record['validation_rmse']:.3f}"
@@ -488,16 +505,25 @@ class LearnedSolver(nn.Module):
         return result
 
     def _validation_rmse(self, values: torch.Tensor, truth: torch.Tensor) -> float:
+        """The RMSE over the validation windows; under ``torchrun`` each rank reconstructs its share."""
+        context = distributed.current()
+        values, truth = distributed.shard(values, context), distributed.shard(truth, context)
         fitted = bool(self.fitted)
         with torch.no_grad():
             self.fitted.fill_(True)
         try:
-            estimate = self.reconstruct(values)
+            squares = torch.zeros(2, dtype=torch.float64)
+            if values.shape[0]:
+                estimate = self.reconstruct(values)
+                squares = torch.stack((
+                    (estimate - truth.to(estimate.dtype)).pow(2).sum().to(torch.float64),
+                    torch.tensor(float(estimate.numel()), dtype=torch.float64)))
         finally:
             with torch.no_grad():
                 self.fitted.fill_(fitted)
             self.train()
-        return float((estimate - truth.to(estimate.dtype)).pow(2).mean().sqrt())
+        total, count = distributed.all_reduce_sum(squares).tolist()
+        return math.sqrt(total / count)
 
     def load(self, path: str | Path) -> LearnedSolver:
         """Load the weights (and standardisation) of a :meth:`fit` checkpoint; returns ``self``, fitted."""

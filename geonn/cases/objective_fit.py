@@ -15,6 +15,16 @@ optimiser, schedule, batch order, checkpoint and resume rules as ``fit``:
 Randomness inside the objective must come from the ``step`` number it is given (e.g. a
 ``torch.Generator().manual_seed(seed + step)``), never from torch's global generator, so that a
 resumed run draws the same numbers.
+
+Under ``torchrun`` (:mod:`geonn.distributed`) the minibatches run data-parallel: every rank draws
+the same global batch order, calls ``batch_loss`` on its share ``idx[rank::world]``, weighs it by
+its share of the global batch, and the gradients are summed over ranks before the (optional)
+term-by-term rescaling, clipping and Adam step, so every rank takes the step of one process
+with the same global batch (up to floating-point summation order). A term of the objective that
+does not depend on ``idx`` (e.g. a transport distance between rollouts and attractor samples,
+seeded by ``step``) is computed the same on every rank and so enters the summed gradient once.
+Rank 0 writes the checkpoints and shows the bar; a resume starts every rank from rank 0's
+checkpoint.
 """
 
 from __future__ import annotations
@@ -29,8 +39,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import InputError
-from ..io import load_checkpoint, save_checkpoint
 from ..training import FitResult, TrainConfig
 
 CHECKPOINT_FORMAT = 1
@@ -81,6 +91,7 @@ def fit_objective(
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
         raise InputError(f"max_grad_norm: expected a norm > 0 or None, got {max_grad_norm!r}")
     parameters = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
+    context = distributed.setup(parameters[0].device if parameters else "cpu")
     adam = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     n_batches = math.ceil(n_samples / config.batch_size)
     total_steps = max(1, config.epochs * n_batches)
@@ -96,8 +107,8 @@ def fit_objective(
     result = FitResult()
     epoch = 0
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if resume and path.is_file():
-        state = load_checkpoint(path)
+    state = distributed.resume_state(path, resume)
+    if state is not None:
         if state.get("format") != CHECKPOINT_FORMAT or state.get("config") != dataclasses.asdict(config):
             raise InputError(f"resume: {str(path)!r} was written by a different training config; remove it or change --out")
         if sorted(state["modules"]) != sorted(modules):
@@ -112,7 +123,8 @@ def fit_objective(
         result.train_seconds = float(state["train_seconds"])
         result.resumed_from_epoch = epoch
 
-    bar = tqdm(total=config.epochs, initial=epoch, desc=desc, unit="epoch", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=config.epochs, initial=epoch, desc=desc, unit="epoch", disable=not distributed.show_progress(progress),
+               dynamic_ncols=True)
     try:
         while epoch < config.epochs:
             started = time.perf_counter()
@@ -121,7 +133,7 @@ def fit_objective(
             for b in range(n_batches):
                 idx = order[b * config.batch_size : (b + 1) * config.batch_size]
                 adam.zero_grad(set_to_none=True)
-                value = _backward(batch_loss(idx, epoch * n_batches + b), parameters)
+                value = _step_gradient(batch_loss, idx, epoch * n_batches + b, parameters, context)
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
                 adam.step()
@@ -133,26 +145,79 @@ def fit_objective(
             epoch += 1
             result.train_seconds += time.perf_counter() - started
             result.history.append({"epoch": epoch, "loss": epoch_loss, "phase": "adam", "lr": adam.param_groups[0]["lr"]})
-            if path is not None:
-                save_checkpoint(
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "modules": {name: module.state_dict() for name, module in modules.items()},
-                        "adam": adam.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "generator": generator.get_state(),
-                        "epoch": epoch,
-                        "history": result.history,
-                        "train_seconds": result.train_seconds,
-                        "config": dataclasses.asdict(config),
-                    },
-                    path,
-                )
+            distributed.save_on_main(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "modules": {name: module.state_dict() for name, module in modules.items()},
+                    "adam": adam.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "epoch": epoch,
+                    "history": result.history,
+                    "train_seconds": result.train_seconds,
+                    "config": dataclasses.asdict(config),
+                },
+                path,
+            )
             bar.set_postfix(loss=f"{epoch_loss:.3e}")
             bar.update(1)
     finally:
         bar.close()
     return result
+
+
+def _step_gradient(batch_loss, idx: torch.Tensor, step: int, parameters: list[torch.Tensor], context) -> float:
+    """Set the parameters' gradients for the global batch ``idx``; return the global batch's logged loss.
+
+    Outside ``torchrun`` this is :func:`_backward` of ``batch_loss(idx, step)``. Under it, each rank
+    evaluates its share ``idx[rank::world]`` weighted by ``len(share) / len(idx)`` (a mean over the
+    share becomes its part of the global mean), the gradients (of both terms of a balanced loss)
+    are summed over ranks, and the balancing is applied to the sums. A rank with an empty share
+    contributes zero.
+    """
+    if not context.distributed:
+        return _backward(batch_loss(idx, step), parameters)
+    local = distributed.shard(idx, context)
+    weight = distributed.share(local.numel(), idx.numel())
+    zeros = [torch.zeros_like(p) for p in parameters]
+    loss = batch_loss(local, step) if local.numel() else None
+    # one collective agrees on the objective's form (a rank with an empty share does not know it) and its ratio
+    balance = distributed.all_reduce_max(-1.0 if loss is None or isinstance(loss, torch.Tensor) else float(loss[2]))
+    if balance < 0:
+        if loss is None:
+            grads, value = zeros, torch.zeros((), device=parameters[0].device)
+        else:
+            grads = _gradients(weight * loss, parameters)
+            value = weight * loss.detach()
+        *grads, value = distributed.all_reduce_tensors([*grads, value.to(parameters[0].dtype).reshape(1)])
+        for p, g in zip(parameters, grads):
+            p.grad = g
+        return float(value)
+    if loss is None:
+        main_grads, auxiliary_grads, value = zeros, zeros, torch.zeros((), device=parameters[0].device)
+    else:
+        main, auxiliary, _ = loss
+        main_grads = _gradients(weight * main, parameters)
+        auxiliary_grads = _gradients(weight * auxiliary, parameters)
+        value = weight * main.detach()
+    n = len(parameters)
+    summed = distributed.all_reduce_tensors([*main_grads, *auxiliary_grads, value.to(parameters[0].dtype).reshape(1)])
+    _balance(parameters, summed[:n], summed[n: 2 * n], balance)
+    return float(summed[-1])
+
+
+def _gradients(loss: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    grads = torch.autograd.grad(loss, parameters, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, grads)]
+
+
+def _balance(parameters, main_grads, auxiliary_grads, ratio) -> None:
+    """``p.grad = g_main + ratio |g_main| / |g_auxiliary| g_auxiliary`` (norms over all parameters)."""
+    main_norm = torch.sqrt(sum(g.pow(2).sum() for g in main_grads))
+    auxiliary_norm = torch.sqrt(sum(g.pow(2).sum() for g in auxiliary_grads))
+    scale = ratio * main_norm / auxiliary_norm if bool(auxiliary_norm > 0) else torch.zeros(())
+    for p, g_main, g_auxiliary in zip(parameters, main_grads, auxiliary_grads):
+        p.grad = g_main + scale * g_auxiliary
 
 
 def _backward(loss, parameters: list[torch.Tensor]) -> float:
@@ -167,13 +232,5 @@ def _backward(loss, parameters: list[torch.Tensor]) -> float:
         loss.backward()
         return loss.item()
     main, auxiliary, ratio = loss
-    main_grads = torch.autograd.grad(main, parameters, allow_unused=True)
-    auxiliary_grads = torch.autograd.grad(auxiliary, parameters, allow_unused=True)
-    main_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, main_grads)]
-    auxiliary_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(parameters, auxiliary_grads)]
-    main_norm = torch.sqrt(sum(g.pow(2).sum() for g in main_grads))
-    auxiliary_norm = torch.sqrt(sum(g.pow(2).sum() for g in auxiliary_grads))
-    scale = ratio * main_norm / auxiliary_norm if bool(auxiliary_norm > 0) else torch.zeros(())
-    for p, g_main, g_auxiliary in zip(parameters, main_grads, auxiliary_grads):
-        p.grad = g_main + scale * g_auxiliary
+    _balance(parameters, _gradients(main, parameters), _gradients(auxiliary, parameters), ratio)
     return main.item()

@@ -196,8 +196,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="geonn-identification-") as tmp:
         base = args.out if args.out is not None else Path(tmp)
         results = {}
-        for label, name in (("geonn BiNN (`%s` case)" % args.binn_case, args.binn_case),
-                            ("geonn MLP (`%s` case)" % args.mlp_case, args.mlp_case)):
+        for label, name in ((f"geonn BiNN (`{args.binn_case}` case)", args.binn_case),
+                            (f"geonn MLP (`{args.mlp_case}` case)", args.mlp_case)):
             print(f"  running case {name} ...", file=sys.stderr, flush=True)
             c, m = run_geonn_case(name, overrides, base / name)
             results[label] = (c, m)

@@ -36,6 +36,7 @@ from geonn.assimilation import (
     rmse_time_mean,
     twin_experiment,
 )
+from geonn.assimilation.ensemble import MAX_MEMBERS
 from geonn.errors import InputError, InputTypeError
 from geonn.io import write_netcdf
 
@@ -387,6 +388,36 @@ def test_assimilate_rejects_bad_setups(linear_twin):
                                              Linear(torch.ones(2, 3, dtype=torch.float64)), ObservationError(std=1.0))
 
 
+@pytest.mark.parametrize("method", [ETKF, EnKF])
+@pytest.mark.parametrize("name, value, error", [
+    ("prior_mean", "abc", InputTypeError),  # TypeError: new(): invalid data type 'str'
+    ("prior_mean", [0.0, None, 0.0], InputTypeError),
+    ("prior_mean", torch.zeros(3, dtype=torch.complex128), InputTypeError),  # the imaginary part was dropped
+    ("prior_mean", torch.ones(3, dtype=torch.bool), InputTypeError),
+    ("prior_spread", "x", InputTypeError),
+    ("prior_spread", object(), InputTypeError),
+    ("prior_spread", math.inf, InputError),  # accepted: the forecast then failed naming only 'trajectory'
+    ("prior_spread", torch.tensor([1.0, math.nan, 1.0]), InputError),
+])
+def test_assimilate_refuses_a_prior_that_is_not_real_numbers(linear_twin, method, name, value, error):
+    arguments = {"prior_mean": ZERO, "prior_spread": 1.0, name: value}
+    with pytest.raises(error, match=f"{name}: expected"):
+        method(members=5).assimilate(linear_model, linear_twin[0], DT, **arguments)
+
+
+def test_assimilate_refuses_absurd_members_and_seeds_and_an_overflowing_prior(linear_twin):
+    for members in (2**63, 2**70, MAX_MEMBERS + 1):  # RuntimeError from torch.randn when assimilating
+        with pytest.raises(InputError, match="members: expected an integer in \\[2, 16777216\\]"):
+            ETKF(members=members)
+    with pytest.raises(InputError, match="members"):
+        mean_preserving_rotation(2**63)
+    with pytest.raises(InputError, match="seed: expected an integer >= 0"):
+        EnKF(members=5, seed=2**70)  # accepted, then RuntimeError: Overflow when unpacking long
+    huge = torch.full((3,), 3e38, dtype=torch.float32)
+    with pytest.raises(InputError, match="prior_mean, prior_spread: the initial members .* overflow torch.float32"):
+        ETKF(members=5).assimilate(linear_model, linear_twin[0], DT, prior_mean=huge, prior_spread=3e38)
+
+
 def test_stochastic_enkf_is_reproducible_and_handles_nonlinear_operators(linear_twin):
     obs = linear_twin[0]
     first = EnKF(members=30, seed=5).assimilate(linear_model, obs, DT, prior_mean=ZERO, prior_spread=1.0)
@@ -463,3 +494,9 @@ def test_letkf_and_enkf_n_on_lorenz96(lorenz96_twin):
     enkf_n = EnKFN(members=25).assimilate(model, obs, 0.05, **kwargs)
     assert rmse_time_mean(enkf_n.analysis_mean, truth, burn_in=50) < 0.35
     assert enkf_n.inflation.shape == (200,) and bool((enkf_n.inflation > 0.9).all())
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**70, 1.5, True])
+def test_twin_refuses_a_seed_torch_cannot_take(seed):
+    with pytest.raises(InputError, match=r"seed: expected an integer in \[0, 2\*\*63\)"):
+        twin_experiment(geonn.Lorenz63(), 0.01, 10, Subset.all(3), ObservationError(std=1.0), every=5, seed=seed)

@@ -130,6 +130,17 @@ def test_bad_values_are_refused(override, message):
         load_case("lorenz63", [override])
 
 
+@pytest.mark.parametrize("value", ["[0]", "{ a = 1 }", "3", "true"])
+def test_a_kind_that_is_not_a_string_is_refused(value, tmp_path):
+    """``--set kind=[0]`` raised TypeError: unhashable type: 'list'."""
+    with pytest.raises(ConfigError, match=r"kind: expected one of \[.*'identification'.*\], got"):
+        load_case("lorenz63", [f"kind={value}"])
+    path = tmp_path / "odd.toml"
+    path.write_text(f"kind = {value}\n")
+    with pytest.raises(ConfigError, match="kind: expected one of"):
+        load_case(str(path))
+
+
 def test_overrides_apply_with_toml_types():
     base = load_case("lorenz63")
     case = load_case(

@@ -371,6 +371,74 @@ def test_weighted_rmse_and_explained_variance_against_numpy():
         weighted_rmse(args[0][:2], args[1])
 
 
+def _fields(seed=4, shape=(3, 1, 4, 5)):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.standard_normal(shape)), torch.from_numpy(rng.standard_normal(shape))
+
+
+@pytest.mark.parametrize("weights", [[1.0, 2.0, 3.0, 4.0, 5.0], np.ones(5), 2.0])
+def test_weighted_rmse_refuses_weights_that_are_not_a_tensor(weights):
+    pred, truth = _fields()
+    with pytest.raises(InputTypeError, match="weights: expected a real tensor"):  # AttributeError: 'list' object has no attribute 'to'
+        weighted_rmse(pred, truth, weights=weights)
+
+
+def test_weighted_rmse_refuses_weights_or_mask_that_do_not_broadcast_naming_which():
+    pred, truth = _fields()
+    with pytest.raises(InputError, match=r"mask: expected a bool tensor broadcastable to the fields' shape \(3, 1, 4, 5\), got shape \(7,\)"):
+        weighted_rmse(pred, truth, torch.ones(7, dtype=torch.bool), torch.ones(4, 5, dtype=torch.float64))  # bare RuntimeError
+    with pytest.raises(InputError, match="weights: expected a tensor broadcastable"):
+        weighted_rmse(pred, truth, None, torch.ones(3, dtype=torch.float64))
+    for bad, message in ((torch.full((4, 5), torch.nan, dtype=torch.float64), "weights: expected finite weights"),
+                         (torch.ones(4, 5, dtype=torch.complex128), "weights: expected a real tensor")):
+        with pytest.raises((InputError, InputTypeError), match=message):
+            weighted_rmse(pred, truth, weights=bad)
+
+
+@pytest.mark.parametrize("score", [weighted_rmse, explained_variance])
+def test_scores_refuse_nan_at_valid_points_and_ignore_it_at_masked_ones(score):
+    pred, truth = _fields()
+    mask = torch.ones(pred.shape, dtype=torch.bool)
+    pred[1, 0, 2, 3] = torch.nan
+    with pytest.raises(InputError, match=r"pred: expected finite values at the valid points .* got 1 NaN or inf there"):
+        score(pred, truth, mask)  # returned NaN
+    mask[1, 0, 2, 3] = False
+    clean = pred.clone()
+    clean[1, 0, 2, 3] = 123.0  # what a masked point holds does not matter
+    assert torch.isfinite(score(pred, truth, mask)) and score(pred, truth, mask) == score(clean, truth, mask)
+
+
+def test_scores_of_values_whose_squares_overflow_are_exact():
+    """Errors near 1e200 square beyond float64; the RMSE of scaled errors is the same number (it was inf)."""
+    pred, truth = _fields()
+    big = weighted_rmse(pred * 1e200, truth * 1e200)
+    assert torch.isfinite(big) and float(big) == pytest.approx(1e200 * float(weighted_rmse(pred, truth)), rel=1e-12)
+    np.testing.assert_allclose(weighted_rmse(pred * 1e200, truth * 1e200, per_time=True).numpy(),
+                               1e200 * weighted_rmse(pred, truth, per_time=True).numpy(), rtol=1e-12)
+    ratio = explained_variance(pred * 1e200, truth * 1e200)
+    assert float(ratio) == pytest.approx(float(explained_variance(pred, truth)), rel=1e-12)
+    with pytest.raises(InputError, match="pred: expected values within float64's range of truth's"):
+        weighted_rmse(torch.full((1, 1, 1, 1), 1.5e308, dtype=torch.float64), torch.full((1, 1, 1, 1), -1.5e308, dtype=torch.float64))
+    huge = torch.full((4, 5), 1e308, dtype=torch.float64)  # their sum overflows; only their ratios count
+    assert float(weighted_rmse(pred, truth, weights=huge)) == pytest.approx(float(weighted_rmse(pred, truth)), rel=1e-12)
+
+
+def test_anomaly_correlation_of_huge_or_tiny_anomalies_is_exact():
+    """The product of the two norms overflowed (ACC 0) or underflowed (undefined) at 1e160 and 1e-170."""
+    from geonn.fields import anomaly_correlation
+
+    pred, truth = _fields()
+    plain = anomaly_correlation(pred, truth, per_time=True)
+    for factor in (1e160, 1e-170):
+        torch.testing.assert_close(anomaly_correlation(pred * factor, truth * factor, per_time=True), plain, rtol=1e-12, atol=0)
+    climatology = torch.zeros(1, 1, 4, 5, dtype=torch.float64)
+    climatology[0, 0, 1, 1] = torch.nan
+    with pytest.raises(InputError, match="climatology: expected finite anomalies at the valid points"):
+        anomaly_correlation(pred, truth, climatology)  # returned NaN
+    with pytest.raises(InputError, match="climatology: expected a real tensor"):
+        anomaly_correlation(pred, truth, True)
+
+
 # ---------------------------------------------------------------- EOF reducer
 
 

@@ -126,6 +126,31 @@ def test_bad_inputs_are_refused_before_any_output(tmp_path, case, message, capsy
     assert "error" in capsys.readouterr().err.lower()
 
 
+def single_point_file(path, values):
+    """``tas(time, lat, lon)`` on a grid of one point: EOFs rebuild it exactly."""
+    da = xr.DataArray(np.asarray(values, dtype=np.float64)[:, None, None], dims=("time", "lat", "lon"), name="tas",
+                      coords={"lat": ("lat", [10.0], {"units": "degrees_north"})}, attrs={"units": "K"})
+    da.to_dataset().to_netcdf(path)
+    return path
+
+
+def test_an_exact_eof_baseline_gives_a_ratio_of_one(tmp_path):
+    """The EOF baseline's test RMSE is 0: ``rmse_ratio_to_eof`` was 0 / 0 (ZeroDivisionError)."""
+    path = single_point_file(tmp_path / "in.nc", [1.0, 2.0, 3.0, 4.0, 1.0, 3.0, 2.0, 4.0])
+    metrics = run_verb("reduce", path, "tas", make_options("reduce", modes=1), tmp_path / "out", progress=False)
+    assert metrics["rmse_test_eof"] == 0.0 and metrics["rmse_ratio_to_eof"] == 1.0
+
+
+def test_a_variable_constant_over_the_held_out_steps_is_refused_naming_var(tmp_path, capsys):
+    """The message named the inner argument ``truth`` of ``explained_variance``, not the command's ``--var``."""
+    path = single_point_file(tmp_path / "in.nc", [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 7.0])  # the last 2 steps are held out
+    with pytest.raises(InputError, match=r"--var: 'tas' is constant over the 2 held-out steps"):
+        run_verb("reduce", path, "tas", make_options("reduce", modes=1), tmp_path / "out", progress=False)
+    assert main(["fields", "reduce", str(path), "--var", "tas", "--modes", "1", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("geonn: error: --var: 'tas' is constant")
+    assert no_outputs(tmp_path)
+
+
 def test_autoencoder_options_are_checked():
     with pytest.raises(InputError, match="learning_rate: expected a number >= 0, got -0.1"):
         make_options("reduce", method="autoencoder", learning_rate=-0.1)

@@ -22,7 +22,6 @@ import math
 import os
 import signal
 import tempfile
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -73,44 +72,7 @@ TIME_LIMIT = 30.0  # seconds per generated call: longer is a hang
 
 RESULTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 ENTRIES: set[str] = set()
-
-# Modules other helpers were changing while this fuzz was written: a bug found there (an uncaught exception
-# raised inside one of them, or a non-finite result of one of their entry points) is recorded as a known
-# failure (xfail) with its signature, printed at the end and reported, instead of failing the run; the fuzz
-# goes on. Bugs anywhere else fail the test.
-OTHERS = ("geonn/metrics.py", "geonn/fields/scores.py", "geonn/fields/statistics.py", "geonn/assimilation/ensemble.py",
-          "geonn/assimilation/smoothers.py", "geonn/assimilation/variational.py", "geonn/assimilation/localisation.py",
-          "geonn/assimilation/learned.py", "geonn/pipelines/", "geonn/emulators/autoencoder.py", "geonn/cases/assimilation.py",
-          "geonn/cases/__init__.py", "geonn/cases/fields.py")
-OTHERS_ENTRIES = {"forecast_rmse": "geonn/metrics.py", "lyapunov_max": "geonn/metrics.py",
-                  "weighted_rmse": "geonn/fields/scores.py", "ETKF/EnKF assimilate": "geonn/assimilation/ensemble.py",
-                  "Var3D assimilate": "geonn/assimilation/variational.py"}
-KNOWN: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-# geonn errors raised inside those modules whose message names an inner argument instead of the caller's
-KNOWN_MESSAGES = {
-    "truth: expected some variance over time": "geonn/fields/scores.py (explained_variance, via geonn/pipelines/reduce.py): "
-    "a constant held-out part is refused with a message naming 'truth', not the command's --var",
-}
-
-
-def _innermost_geonn_frame(err: BaseException) -> str | None:
-    root = Path(geonn.__file__).parent.parent
-    where = None
-    for frame, line in traceback.walk_tb(err.__traceback__):
-        name = frame.f_code.co_filename
-        if name.startswith(str(root / "geonn")):
-            where = f"{Path(name).relative_to(root)}:{line}"
-    return where
-
-
-def _known(entry: str, err: BaseException, where: str | None) -> bool:
-    """Record ``err`` as a known bug of a module owned by others; False if it is not one."""
-    if where is None or not where.startswith(OTHERS):
-        return False
-    KNOWN[entry][f"{where}: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"] += 1
-    RESULTS[entry]["xfail"] += 1
-    return True
-
+FAILED: set[str] = set()  # entry points with a failing case (each fails its test too)
 
 SCALE = float(os.environ.get("GEONN_FUZZ_SCALE", "1"))  # e.g. 10 for a deeper run (the figures in the docs use 1)
 DERANDOMIZE = not os.environ.get("GEONN_FUZZ_RANDOM")  # set it (with --hypothesis-seed=N) to draw other cases
@@ -140,8 +102,23 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+@contextlib.contextmanager
+def failing(entry: str):
+    """Record ``entry`` as failed when the body raises (an unexpected exception, a check, a hang); re-raise."""
+    try:
+        yield
+    except BaseException:
+        FAILED.add(entry)
+        raise
+
+
 def check(entry: str, call, names, validate=None):
     """Run ``call()``: a geonn error naming one of ``names`` or a result that ``validate`` accepts."""
+    with failing(entry):
+        return _check(entry, call, names, validate)
+
+
+def _check(entry: str, call, names, validate):
     RESULTS[entry]["cases"] += 1
     bad = list(LAST_BAD)
     LAST_BAD[:] = ["?"]  # a later check of the same example did not draw its arguments through arguments()
@@ -156,17 +133,8 @@ def check(entry: str, call, names, validate=None):
         if os.environ.get("GEONN_FUZZ_DEBUG") and not bad:
             print(f"\nREFUSED-GOOD {entry}: {message[:300]}")
         return None
-    except Exception as err:
-        if _known(entry, err, _innermost_geonn_frame(err)):
-            return None
-        raise
     if validate is not None:
-        try:
-            validate(result)
-        except AssertionError as err:
-            if entry in OTHERS_ENTRIES and _known(entry, err, OTHERS_ENTRIES[entry] + " (result)"):
-                return None
-            raise
+        validate(result)
     RESULTS[entry]["accepted"] += 1
     return result
 
@@ -1242,8 +1210,13 @@ def test_case_files(data):
 # --- the command -----------------------------------------------------------------------------------------
 
 
-def run_cli(entry: str, argv, capsys, names) -> int | None:
+def run_cli(entry: str, argv, capsys, names) -> int:
     """``main(argv)``: 0, or 2 with one ``geonn: error:`` line naming one of ``names`` (or argparse's usage error)."""
+    with failing(entry):
+        return _run_cli(entry, argv, capsys, names)
+
+
+def _run_cli(entry: str, argv, capsys, names) -> int:
     RESULTS[entry]["cases"] += 1
     capsys.readouterr()
     try:
@@ -1254,21 +1227,12 @@ def run_cli(entry: str, argv, capsys, names) -> int | None:
         assert exit_.code == 2 and "error: argument" in err, err
         RESULTS[entry]["refused"] += 1
         return 2
-    except Exception as err:
-        if _known(entry, err, _innermost_geonn_frame(err)):
-            return None
-        raise
     err = capsys.readouterr().err
     if code == 0:
         RESULTS[entry]["accepted"] += 1
         return 0
     assert code == 2, (code, err)
     assert err.startswith("geonn: error: ") and "Traceback" not in err, err
-    known = next((where for text, where in KNOWN_MESSAGES.items() if text in err), None)
-    if known is not None and not any(name in err for name in names):
-        KNOWN[entry][f"{known}: {err.strip()[:100]}"] += 1
-        RESULTS[entry]["xfail"] += 1
-        return 2
     assert any(name in err for name in names), f"{entry}: the message names none of {names}: {err}"
     RESULTS[entry]["refused"] += 1
     return 2
@@ -1377,16 +1341,13 @@ def test_fuzz_totals(capsys):
     total = sum(counts["cases"] for counts in RESULTS.values())
     accepted = sum(counts["accepted"] for counts in RESULTS.values())
     refused = sum(counts["refused"] for counts in RESULTS.values())
-    xfail = sum(counts["xfail"] for counts in RESULTS.values())
     with capsys.disabled():
         print(f"\nfuzz: {total} generated cases over {len(RESULTS)} entry points: {accepted} gave a checked result, "
-              f"{refused} a geonn error naming the argument, {xfail} hit a known bug (xfail), 0 failures")
+              f"{refused} a geonn error naming the argument, {len(FAILED)} failures")
         for entry in sorted(RESULTS):
             counts = RESULTS[entry]
             print(f"  {entry:28s} {counts['cases']:5d} cases {counts['accepted']:5d} results {counts['refused']:5d} refused"
-                  f" {counts['xfail']:4d} xfail")
-        for entry in sorted(KNOWN):
-            for signature, count in KNOWN[entry].most_common():
-                print(f"  xfail {entry}: {count} x {signature}")
+                  f"{'  FAILED' if entry in FAILED else ''}")
+    assert not FAILED, f"failing entry points: {sorted(FAILED)}"
     assert len(RESULTS) >= 25
     assert total >= 1000

@@ -9,6 +9,7 @@ import torch
 
 import geonn
 from geonn import InputError, InputTypeError
+from geonn.errors import NonFiniteError
 from geonn.metrics import forecast_rmse, lyapunov_max
 
 DTYPE = torch.float64
@@ -126,6 +127,48 @@ def test_forecast_rmse_refuses_a_truth_of_the_wrong_dimension():
         forecast_rmse(geonn.Lorenz63(), torch.zeros(10, 4, dtype=DTYPE), 0.01)
 
 
+# --- forecast_rmse: bugs the fuzz found (tests/test_fuzz.py, issue 7) -------------------------------
+
+
+def squaring(t, x):
+    """dx/dt = 1e4 x^2: a learned model gone wrong, infinite within a few steps of dt = 0.01."""
+    return 1e4 * x * x
+
+
+def test_forecast_rmse_of_a_diverged_model_raises_naming_the_start_and_lead():
+    truth = lorenz63_truth(9)
+    with pytest.raises(NonFiniteError, match=r"f: the forecast from truth\[\d+\] became non-finite .* at step \d+ \(lead") as err:
+        forecast_rmse(squaring, truth, 0.01, leads=(2,))  # it returned {2: inf}
+    assert err.value.step in (1, 2) and err.value.time == pytest.approx(0.01 * err.value.step)
+
+
+def test_forecast_rmse_keeps_going_when_asked_and_flags_the_diverged_leads():
+    truth = lorenz63_truth(9)
+    rmse = forecast_rmse(squaring, truth, 0.01, leads=(2,), nonfinite="keep")
+    assert rmse == {2: math.inf}
+    with pytest.raises(InputError, match="nonfinite: expected 'raise' or 'keep'"):
+        forecast_rmse(squaring, truth, 0.01, nonfinite="warn")
+
+
+def test_forecast_rmse_of_errors_too_large_to_square_raises():
+    truth = lorenz63_truth(9)
+    with pytest.raises(NonFiniteError, match="f: the squared forecast errors at lead 1 overflow float64"):
+        forecast_rmse(lambda t, x: torch.full_like(x, 1e200), truth, 0.01, leads=(1,), scheme="euler")  # it returned inf
+
+
+@pytest.mark.parametrize("leads", [None, 3, "ab", [1.5], [True], b"\x01"])
+def test_forecast_rmse_refuses_leads_that_are_not_integers(leads):
+    with pytest.raises(InputTypeError, match="leads: expected"):  # TypeError: 'int' object is not iterable, ...
+        forecast_rmse(geonn.Lorenz63(), lorenz63_truth(9), 0.01, leads=leads)
+
+
+def test_forecast_rmse_refuses_a_truth_with_nan():
+    truth = lorenz63_truth(9)
+    truth[-1, 0] = math.nan  # a target only: the RMSE was NaN
+    with pytest.raises(InputError, match="truth: expected finite values, got 1 NaN or inf"):
+        forecast_rmse(geonn.Lorenz63(), truth, 0.01, leads=(1,))
+
+
 # --- lyapunov_max: exact cases ---------------------------------------------------------------------
 
 
@@ -185,6 +228,45 @@ def test_lyapunov_reports_divergence():
     blow_up = Linear([[2000.0]])  # x grows by ~7e7 a step and overflows to inf
     with pytest.raises(InputError, match="f: the Lyapunov estimate is not finite"):
         lyapunov_max(blow_up, torch.ones(1, dtype=DTYPE), 0.1, n_steps=300, spinup_steps=0)
+
+
+@pytest.mark.parametrize("name, value", [("n_steps", 2.5), ("n_steps", "10"), ("n_steps", None), ("spinup_steps", 1.5),
+                                         ("spinup_steps", -1), ("seed", "x"), ("n_steps", 2**40)])
+def test_lyapunov_refuses_step_counts_that_are_not_integers(name, value):
+    with pytest.raises((InputError, InputTypeError), match=f"{name}: expected"):  # bare TypeErrors, or naming n_steps
+        lyapunov_max(geonn.Lorenz63(), torch.ones(3, dtype=DTYPE), 0.01, **{"n_steps": 5, "spinup_steps": 0, name: value})
+
+
+@pytest.mark.parametrize("dt", [0.0, -0.01, math.nan, "0.01"])
+def test_lyapunov_refuses_a_bad_dt(dt):
+    with pytest.raises((InputError, InputTypeError), match="dt: expected"):  # dt = 0 returned NaN or inf
+        lyapunov_max(geonn.Lorenz63(), torch.ones(3, dtype=DTYPE), dt, n_steps=1, spinup_steps=0)
+
+
+def test_lyapunov_refuses_empty_or_huge_states_and_names_the_diverged_step():
+    with pytest.raises(InputError, match="x0: expected a non-empty state"):  # returned NaN
+        lyapunov_max(geonn.Lorenz63(), torch.ones(0, 3, dtype=DTYPE), 0.01, n_steps=1, spinup_steps=0)
+    with pytest.raises(NonFiniteError, match="x0: the states are too large to perturb"):
+        lyapunov_max(geonn.Lorenz63(), torch.full((3,), 1e300, dtype=DTYPE), 0.01, n_steps=1, spinup_steps=0)
+    with pytest.raises(NonFiniteError, match=r"at step \d+ after the spin-up") as err:
+        lyapunov_max(squaring, torch.ones(3, dtype=DTYPE), 0.01, n_steps=20, spinup_steps=0)
+    assert 1 <= err.value.step <= 20
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_metrics_keep_to_the_device_and_dtype_of_their_input(device):
+    """Their working tensors were made on the CPU whatever the input's device."""
+    from geonn.metrics import crps_gaussian
+
+    model = Linear([[0.2]]).float().to(device)
+    estimate, per_trajectory = lyapunov_max(model, torch.zeros(2, 1, device=device), 0.1, n_steps=50, spinup_steps=0)
+    assert per_trajectory.dtype == torch.float64 and per_trajectory.device.type == device
+    assert estimate == pytest.approx(0.2, abs=1e-3)
+    score = crps_gaussian(torch.zeros(3, device=device), torch.ones(3, device=device), torch.zeros(3, device=device))
+    assert score.device.type == device and score.dtype == torch.float32
 
 
 # --- lyapunov_max: chaotic systems -----------------------------------------------------------------

@@ -305,6 +305,27 @@ def test_var3d_with_a_nonlinear_operator_minimises_its_cost():
 # --- inputs ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name, value, error", [
+    ("prior_spread", "x", InputTypeError),  # TypeError: new(): invalid data type 'str'
+    ("prior_spread", [1.0, None, 1.0], InputTypeError),
+    ("prior_spread", object(), InputTypeError),  # RuntimeError: Could not infer dtype of object
+    ("prior_mean", torch.zeros(3, dtype=torch.complex128), InputTypeError),  # the imaginary part was dropped
+    ("prior_mean", [True, False, True], InputTypeError),
+    ("prior_spread", torch.ones(3, dtype=torch.complex128), InputTypeError),
+])
+def test_var3d_assimilate_refuses_bad_priors_naming_them(name, value, error):
+    obs = linear_observations(cycles=2)
+    arguments = {"prior_mean": torch.as_tensor(M0), "prior_spread": 1.0, name: value}
+    with pytest.raises(error, match=f"{name}: expected"):
+        Var3D(background_std=1.0).assimilate(linear_model, obs, DT, **arguments)
+
+
+@pytest.mark.parametrize("background_std", [torch.ones(3, dtype=torch.complex128), torch.ones(3, dtype=torch.bool)])
+def test_var3d_refuses_background_std_that_is_not_real(background_std):
+    with pytest.raises(InputTypeError, match="background_std: expected"):
+        Var3D(background_std=background_std)
+
+
 def test_bad_inputs_name_the_argument():
     obs = linear_observations(cycles=2)
     prior = torch.as_tensor(M0)

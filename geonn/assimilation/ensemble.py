@@ -55,9 +55,30 @@ class FilterResult:
 # --- shared checks and helpers ----------------------------------------------------------------------
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name}: expected an integer >= {minimum}, got {describe(value)}")
+def _check_int(name: str, value, minimum: int, maximum: int = 2**63 - 1) -> None:
+    """An ``int`` (not a bool) in ``[minimum, maximum]``; the default maximum is int64's (torch's seeds and sizes)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        bound = f"in [{minimum}, {maximum}]" if maximum < 2**63 - 1 else f">= {minimum} (and < 2**63)"
+        raise InputError(f"{name}: expected an integer {bound}, got {describe(value)}")
+
+
+MAX_MEMBERS = 2**24  # an ensemble larger than this is a mistake (16.7 million members, as geonn.simulate's limit)
+
+
+def _real_tensor(name: str, value, expected: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``value`` as a real tensor: of ``dtype`` when given (numbers converted straight to it), else its own
+    floating dtype (integers become float64); a geonn error naming ``name`` for anything else."""
+    if isinstance(value, (str, bytes)):
+        raise InputTypeError(f"{name}: expected {expected}, got {describe(value)}")
+    try:
+        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise InputTypeError(f"{name}: expected {expected}, got {describe(value)}") from None
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise InputTypeError(f"{name}: expected {expected} (real numbers), got {describe(value)}")
+    if dtype is not None:
+        return tensor.to(dtype) if isinstance(value, torch.Tensor) else torch.as_tensor(value, dtype=dtype)
+    return tensor if tensor.is_floating_point() else tensor.double()
 
 
 def _check_positive(name: str, value, allow_inf: bool = False) -> None:
@@ -79,7 +100,7 @@ def mean_preserving_rotation(members: int, generator: torch.Generator | None = N
     the Helmert basis of the complement of ``1`` and ``O`` Haar-distributed (the orthogonal polar
     factor of a Gaussian matrix).
     """
-    _check_int("members", members, 2)
+    _check_int("members", members, 2, MAX_MEMBERS)
     gauss = torch.randn(members - 1, members - 1, generator=generator, dtype=torch.float64)
     u, _, vh = torch.linalg.svd(gauss)
     helmert = _helmert(members)
@@ -137,7 +158,7 @@ class _EnsembleFilter:
     seed: int
 
     def _check_common(self) -> None:
-        _check_int("members", self.members, 2)
+        _check_int("members", self.members, 2, MAX_MEMBERS)
         _check_positive("inflation", self.inflation)
         if not isinstance(self.rotate, bool):
             raise InputTypeError(f"rotate: expected True or False, got {describe(self.rotate)}")
@@ -267,19 +288,22 @@ class _EnsembleFilter:
         if prior_mean is None or prior_spread is None:
             raise InputError("prior_mean, prior_spread: expected both (or an initial ensemble=), got "
                              f"prior_mean={describe(prior_mean)}, prior_spread={describe(prior_spread)}")
-        mean = torch.as_tensor(prior_mean)
-        if not mean.is_floating_point():
-            mean = mean.double()
-        if mean.dim() != 1 or not bool(torch.isfinite(mean).all()):
+        mean = _real_tensor("prior_mean", prior_mean, "a finite 1-D state (state_dim,)")
+        if mean.dim() != 1 or mean.numel() == 0 or not bool(torch.isfinite(mean).all()):
             raise InputError(f"prior_mean: expected a finite 1-D state (state_dim,), got {describe(prior_mean)}")
-        spread = torch.as_tensor(prior_spread, dtype=mean.dtype)
-        if spread.dim() > 1 or (spread.dim() == 1 and spread.numel() != mean.numel()) or not bool((spread >= 0).all()):
+        spread = _real_tensor("prior_spread", prior_spread, f"a scalar or ({mean.numel()},) standard deviations", mean.dtype)
+        if (spread.dim() > 1 or (spread.dim() == 1 and spread.numel() != mean.numel()) or not bool(torch.isfinite(spread).all())
+                or not bool((spread >= 0).all())):
             raise InputError(
-                f"prior_spread: expected a non-negative scalar or ({mean.numel()},) standard deviations, "
+                f"prior_spread: expected a finite non-negative scalar or ({mean.numel()},) standard deviations, "
                 f"got {describe(prior_spread)}"
             )
         z = torch.randn(self.members, mean.numel(), generator=generator, dtype=torch.float64).to(mean.dtype)
-        return mean + spread * z
+        members = mean + spread * z
+        if not bool(torch.isfinite(members).all()):
+            raise InputError(f"prior_mean, prior_spread: the initial members prior_mean + prior_spread * z overflow {mean.dtype} "
+                             f"(largest |prior_mean| {float(mean.abs().max()):.3g}, prior_spread {float(spread.abs().max()):.3g})")
+        return members
 
     def _post_process(self, ensemble: torch.Tensor, generator) -> torch.Tensor:
         if self.inflation == 1.0 and not self.rotate:

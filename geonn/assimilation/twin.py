@@ -76,8 +76,8 @@ def twin_experiment(
         raise InputError(f"n_steps: expected an integer in [1, 2**31), got {describe(n_steps)}")
     if isinstance(spinup_steps, bool) or not isinstance(spinup_steps, int) or spinup_steps < 0:
         raise InputError(f"spinup_steps: expected an integer >= 0, got {describe(spinup_steps)}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed: expected an integer >= 0, got {describe(seed)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InputError(f"seed: expected an integer in [0, 2**63), got {describe(seed)}")
     if not isinstance(operator, ObservationOperator):
         raise InputTypeError(f"operator: expected an ObservationOperator (Subset, Linear, Function), got {describe(operator)}")
     if not isinstance(error, ObservationError):

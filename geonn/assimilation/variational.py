@@ -32,7 +32,7 @@ import torch
 from ..errors import InputError, InputTypeError, describe
 from ..integrators import RungeKuttaStep, rollout
 from ..integrators.integrate import GRADIENTS
-from .ensemble import FilterResult, _check_int, _check_positive
+from .ensemble import FilterResult, _check_int, _check_positive, _real_tensor
 from .forecast import propagate, step_jacobians
 from .observations import ObservationError, ObservationOperator, Observations
 
@@ -117,12 +117,7 @@ def climatology(model, x0, dt: float, *, members: int = 32, spinup_steps: int = 
 
 
 def _state(name: str, value) -> torch.Tensor:
-    try:
-        x = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise InputTypeError(f"{name}: expected a state (state_dim,), got {describe(value)}") from None
-    if not x.is_floating_point():
-        x = x.double()
+    x = _real_tensor(name, value, "a state (state_dim,)")
     if x.dim() != 1 or x.numel() == 0 or not bool(torch.isfinite(x).all()):
         raise InputError(f"{name}: expected a finite 1-D state (state_dim,), got {describe(value)}")
     return x
@@ -130,19 +125,19 @@ def _state(name: str, value) -> torch.Tensor:
 
 def _std_factor(name: str, std, m: int, dtype) -> torch.Tensor:
     """``diag(std)`` from a positive scalar or ``(m,)`` standard deviations."""
-    s = torch.as_tensor(std, dtype=dtype)
+    s = _real_tensor(name, std, f"a positive scalar or ({m},) standard deviations", dtype)
     if s.dim() > 1 or (s.dim() == 1 and s.numel() != m) or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        raise InputError(f"{name}: expected a positive scalar or ({m},) standard deviations, got {describe(std)}")
+        raise InputError(f"{name}: expected a positive finite scalar or ({m},) standard deviations in {dtype}, got {describe(std)}")
     return torch.diag(s.expand(m).clone())
 
 
 def _cov_factor(name: str, cov, m: int, dtype) -> torch.Tensor:
     """The lower Cholesky factor of a symmetric positive-definite ``(m, m)`` covariance."""
-    c = torch.as_tensor(cov, dtype=dtype)
+    c = _real_tensor(name, cov, f"a symmetric positive-definite ({m}, {m}) covariance", dtype)
     if c.shape != (m, m) or not bool(torch.isfinite(c).all()) or not torch.allclose(c, c.T, rtol=1e-10, atol=1e-12):
         raise InputError(f"{name}: expected a finite symmetric ({m}, {m}) covariance, got {describe(cov)}")
     factor, info = torch.linalg.cholesky_ex(0.5 * (c + c.T))
-    if int(info) != 0:
+    if int(info) != 0 or not bool(torch.isfinite(factor).all()):
         raise InputError(f"{name}: expected a positive-definite covariance; the Cholesky factorisation failed")
     return factor
 
@@ -154,7 +149,7 @@ def _check_std_or_matrix(std_name: str, std, matrix_name: str, matrix, allow_cli
     if std is not None:
         if isinstance(std, bool) or not isinstance(std, (int, float, torch.Tensor)):
             raise InputTypeError(f"{std_name}: expected a positive number or a 1-D tensor, got {describe(std)}")
-        s = torch.as_tensor(std, dtype=torch.float64)
+        s = _real_tensor(std_name, std, "a positive number or a 1-D tensor", torch.float64)
         if s.dim() > 1 or s.numel() == 0 or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
             raise InputError(f"{std_name}: expected positive finite standard deviations (scalar or 1-D), got {describe(std)}")
     elif isinstance(matrix, str):

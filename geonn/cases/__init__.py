@@ -32,7 +32,7 @@ KINDS = {
 
 
 def _kind(kind: str):
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ConfigError(f"kind: expected one of {sorted(KINDS)}, got {kind!r}")
     return importlib.import_module(KINDS[kind])
 
@@ -78,7 +78,7 @@ def load_case(name_or_path: str, overrides: list[str] | None = None):
     path = find_case(name_or_path)
     data = apply_overrides(read_toml(path), overrides or [])
     kind = data.get("kind", "identification")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ConfigError(f"kind: expected one of {sorted(KINDS)}, got {kind!r} (in {path})")
     data.setdefault("name", path.stem)
     return build(_kind(kind).CONFIG, data)

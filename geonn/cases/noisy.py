@@ -182,7 +182,8 @@ def _lyapunov(f, test, dt, step, metrics: MetricsConfig, seed: int) -> float:
 
 def _score(f, test, dt, step, metrics: MetricsConfig, seed: int) -> tuple[dict[int, float], float]:
     """Forecast RMSE at every lead of the case and the largest Lyapunov exponent."""
-    rmse = forecast_rmse(f, test, dt, sorted(set(metrics.leads) | set(metrics.curve_leads)), step)
+    # a baseline that diverges is scored inf at the leads where it does (it is a result, not an error)
+    rmse = forecast_rmse(f, test, dt, sorted(set(metrics.leads) | set(metrics.curve_leads)), step, nonfinite="keep")
     return rmse, _lyapunov(f, test, dt, step, metrics, seed)
 
 

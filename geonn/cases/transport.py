@@ -276,7 +276,7 @@ def run_transport(case: TransportCase, out: Path, *, resume: bool = False, progr
     lyap_x0 = test[:: max(1, test.shape[0] // n_lyap)][:n_lyap]
     lyapunov = {label: _lyapunov(model, lyap_x0, dt, step, metrics_config, case.seed) for label, (model, step, _) in trained.items()}
     lyapunov["true"] = _lyapunov(truth, lyap_x0, dt, true_step, metrics_config, case.seed)
-    rmse = {label: forecast_rmse(model, test, dt, metrics_config.leads, step) for label, (model, step, _) in trained.items()}
+    rmse = {label: forecast_rmse(model, test, dt, metrics_config.leads, step, nonfinite="keep") for label, (model, step, _) in trained.items()}
 
     _write_outputs(case, out, truth, runs, distance, floor)
 

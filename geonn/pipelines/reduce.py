@@ -118,11 +118,29 @@ def scores(fields: torch.Tensor, data: FieldData) -> dict[str, float]:
     """Area-weighted test RMSE (variable units) and explained variance of the held-out steps."""
     test = data.split.test
     truth, mask = data.values[test], data.mask[test]
+    rmse_test = float(weighted_rmse(fields[test], truth, mask, data.weights))
+    try:
+        explained = float(explained_variance(fields[test], truth, mask, data.weights))
+    except InputError as err:
+        if not str(err).startswith("truth:"):
+            raise
+        raise InputError(
+            f"--var: {data.var!r} is constant over the {data.n_test} held-out steps at every valid point, so the "
+            f"explained variance of its reconstruction is undefined; give a variable that varies over time, or another "
+            f"--train-fraction") from None
     return {
-        "rmse_test": float(weighted_rmse(fields[test], truth, mask, data.weights)),
-        "explained_variance_test": float(explained_variance(fields[test], truth, mask, data.weights)),
+        "rmse_test": rmse_test,
+        "explained_variance_test": explained,
         "rmse_train": float(weighted_rmse(fields[data.split.train], data.values[data.split.train], data.mask[data.split.train], data.weights)),
     }
+
+
+def rmse_ratio(found: float, baseline: float) -> float:
+    """``found / baseline`` (the method's test RMSE over the EOF baseline's); 1 when both are 0 (both exact) and
+    ``inf`` when only the baseline is (written as ``null`` in ``metrics.json``)."""
+    if baseline > 0:
+        return found / baseline
+    return 1.0 if found == 0 else math.inf
 
 
 _LATENT_COMMENT = {
@@ -218,7 +236,7 @@ def _learned_metrics(reducer, data: FieldData) -> dict:
     scale = float(std.reshape(-1)[0]) if std.numel() == 1 else float("nan")
     return {"best_epoch": int(reducer.best_epoch), "validation_rmse": reducer.validation_rmse * scale,
             "validation_rmse_eof": reducer.validation_rmse_eof * scale,
-            "validation_ratio_to_eof": reducer.validation_rmse / reducer.validation_rmse_eof,
+            "validation_ratio_to_eof": rmse_ratio(reducer.validation_rmse, reducer.validation_rmse_eof),
             "train_seconds": float(reducer.train_seconds)}
 
 
@@ -248,7 +266,7 @@ def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progr
     _figures(folder, data, eof, curves, options.modes, None if options.method == "eof" else (options.method, reducer))
     metrics = {"method": options.method, "modes": options.modes, **found,
                "rmse_test_eof": baseline["rmse_test"], "explained_variance_test_eof": baseline["explained_variance_test"],
-               "rmse_ratio_to_eof": found["rmse_test"] / baseline["rmse_test"]}
+               "rmse_ratio_to_eof": rmse_ratio(found["rmse_test"], baseline["rmse_test"])}
     if options.method != "eof":
         metrics.update(_learned_metrics(reducer, data))
     return metrics

@@ -22,7 +22,7 @@ def _case_command(args) -> int:
         raise GeonnError("case: expected a case name or a .toml path (see geonn case --list)")
     case = load_case(args.name, args.set)
     out = Path(args.out) if args.out else Path("runs") / case.name
-    metrics = run_case(case, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+    metrics = run_case(case, out, overwrite=args.overwrite, resume=args.resume, progress=not args.quiet, device=args.device)
     from .distributed import is_main
 
     if not is_main():
@@ -64,7 +64,12 @@ def _fields_command(args) -> int:
 
     options = make_options(args.verb, **{name: getattr(args, name) for name in _FIELD_OPTIONS[args.verb]})
     metrics = run_verb(args.verb, args.input, args.var, options, args.out, train_fraction=args.train_fraction,
-                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, stream=args.stream or None, resume=args.resume)
+                       seed=args.seed, overwrite=args.overwrite, progress=not args.quiet, stream=args.stream or None, resume=args.resume,
+                       device=args.device)
+    from .distributed import is_main
+
+    if not is_main():
+        return 0
     print(f"fields {args.verb}: outputs in {args.out}/")
     for key in sorted(metrics):
         value = metrics[key]
@@ -94,13 +99,21 @@ def _add_fields_parser(sub) -> None:
                        help="continue an interrupted run from its checkpoints (kept in .DIR.checkpoints beside --out)")
         p.add_argument("--epochs", type=int, help="training epochs of the learned model (default: its own)")
         p.add_argument("--stream", action="store_true",
-                       help="read the variable in blocks of time steps, never whole (automatic above 2 GiB; reduce --method eof)")
+                       help="read the variable in blocks of time steps, never whole (automatic above 2 GiB; "
+                            "reduce --method eof, emulate)")
+        _add_device(p)
         if verb == "reduce":
             p.add_argument("--modes", type=int, required=True, metavar="K", help="number of latent modes")
             p.add_argument("--method", default="eof", choices=("eof", "autoencoder"), help="the reducer (default eof)")
         if verb == "generate":
             p.add_argument("--samples", type=int, required=True, metavar="N", help="number of fields to generate")
         p.set_defaults(func=_fields_command)
+
+
+def _add_device(parser) -> None:
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where models train and run: auto (a CUDA GPU when torch sees one, else the CPU; the default), "
+                             "cpu or cuda (an error without a GPU); under torchrun each rank takes its local GPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     case.add_argument("--overwrite", action="store_true", help="replace the outputs already in --out")
     case.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
     case.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device(case)
     case.set_defaults(func=_case_command)
 
     from .assimilation.command import METHODS

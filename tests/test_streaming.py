@@ -111,8 +111,8 @@ def test_streamed_reduce_over_many_files_equals_in_memory(tmp_path):
 
 def test_verbs_without_an_out_of_core_path_refuse_streaming(tmp_path):
     monthly_field().to_dataset().to_netcdf(tmp_path / "in.nc")
-    with pytest.raises(InputError, match=r"--stream: emulate needs the variable in memory"):
-        run_verb("emulate", tmp_path / "in.nc", "ts", None, tmp_path / "out", stream=True)
+    with pytest.raises(InputError, match=r"--stream: generate needs the variable in memory"):
+        run_verb("generate", tmp_path / "in.nc", "ts", None, tmp_path / "out", stream=True)
     with pytest.raises(InputError, match=r"--method: 'autoencoder' needs the variable in memory"):
         run_verb("reduce", tmp_path / "in.nc", "ts", make_options("reduce", modes=2, method="autoencoder"), tmp_path / "out",
                  stream=True, progress=False)

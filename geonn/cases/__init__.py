@@ -7,10 +7,14 @@ A case file in ``cases/`` is TOML; its ``kind`` picks the runner. Every run writ
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 import shutil
 from pathlib import Path
+
+import torch
 
 from .. import distributed
 from ..errors import ConfigError
@@ -105,15 +109,27 @@ def prepare_output(out: Path, config_text: str, *, overwrite: bool, resume: bool
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_case(case, out: str | Path, *, overwrite: bool = False, resume: bool = False, progress: bool = True) -> dict:
+def run_case(case, out: str | Path, *, overwrite: bool = False, resume: bool = False, progress: bool = True,
+             device: str = "cpu") -> dict:
     """Run a loaded case into ``out``; returns its metrics (also written to ``out/metrics.json``).
 
     Under ``torchrun`` every rank runs the case (training is data-parallel, see
     :mod:`geonn.distributed`); rank 0 alone writes into ``out``, the other ranks write their copies
     of the outputs into a temporary folder that is removed at the end.
+
+    ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``) goes to kinds whose ``run`` takes a ``device``
+    argument; the others run on the CPU (``"cuda"`` asked of them is an error).
     """
     out = Path(out)
-    context = distributed.setup("cpu")
+    runner = _kind(case.kind).run
+    resolved = distributed.resolve_device(device)
+    if "device" in inspect.signature(runner).parameters:
+        runner = functools.partial(runner, device=resolved)
+    elif device == "cuda":
+        raise ConfigError(f"--device: the {case.kind!r} kind runs on the CPU only; got 'cuda' (use 'cpu' or 'auto')")
+    else:
+        resolved = torch.device("cpu")
+    context = distributed.setup(resolved)
     text = to_toml(case)
     problem = None
     if context.is_main:
@@ -129,11 +145,11 @@ def run_case(case, out: str | Path, *, overwrite: bool = False, resume: bool = F
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix=f"geonn-rank{context.rank}-") as scratch:
-            metrics = _kind(case.kind).run(case, Path(scratch), resume=resume, progress=False)
+            metrics = runner(case, Path(scratch), resume=resume, progress=False)
         distributed.barrier()
         return metrics
     write_text(out / "config.toml", text)
-    metrics = _kind(case.kind).run(case, out, resume=resume, progress=progress)
+    metrics = runner(case, out, resume=resume, progress=progress)
     write_json(metrics, out / "metrics.json")
     distributed.barrier()
     return metrics

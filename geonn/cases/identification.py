@@ -150,8 +150,13 @@ def simulate_data(data: DataConfig) -> tuple[torch.nn.Module, torch.Tensor, torc
     return truth_model, torch.as_tensor(train_ds.state.values), torch.as_tensor(test_ds.state.values)
 
 
-def run_identification(case: IdentificationCase, out: Path, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run the case and write ``forecast.nc`` and figures into ``out``; return the metrics."""
+def run_identification(case: IdentificationCase, out: Path, *, resume: bool = False, progress: bool = True,
+                       device: torch.device | str = "cpu") -> dict:
+    """Run the case and write ``forecast.nc`` and figures into ``out``; return the metrics.
+
+    ``device`` is where the training runs (``geonn case ... --device``); the data are simulated and
+    the model is scored on the CPU, so the metrics and outputs do not depend on it beyond round-off.
+    """
     from .. import plotting
 
     started = time.perf_counter()
@@ -163,8 +168,13 @@ def run_identification(case: IdentificationCase, out: Path, *, resume: bool = Fa
     increments = (train[1:] - train[:-1]) / data.dt
     model = Standardised(operator, train.mean(0), train.std(0), increments.std(0))
     step = RungeKuttaStep(case.model.scheme, learnable=case.model.learnable_scheme, learn_dt=case.model.learn_dt)
-    result = fit(model, train, data.dt, step=step, config=case.training, checkpoint_dir=out / "checkpoints",
+    device = torch.device(device)
+    model.to(device)
+    step.to(device)
+    result = fit(model, train.to(device), data.dt, step=step, config=case.training, checkpoint_dir=out / "checkpoints",
                  resume=resume, progress=progress)
+    model.cpu()
+    step.cpu()
 
     model.eval()
     rmse = forecast_rmse(model, test, data.dt, sorted(set(case.metrics.leads) | set(case.metrics.curve_leads)), step)

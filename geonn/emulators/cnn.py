@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import InputError, describe
 from ..io import load_checkpoint, save_checkpoint
 from .linear import validation_slice
@@ -201,6 +202,106 @@ def history_windows(series: torch.Tensor, targets, history: int) -> torch.Tensor
     return series[index[:, None] + offsets]
 
 
+class SeriesPairs:
+    """The one-step pairs of a series held in memory (a tensor, or dask-backed data read in blocks).
+
+    :func:`fit_emulator` reads its batches through :meth:`pairs`. With ``block`` set, an epoch
+    visits the targets a block of ``block`` consecutive time steps at a time (the blocks in a
+    shuffled order, each shuffled within, :func:`epoch_batches`), so a source that reads from
+    disk (:class:`StreamedPairs`) reads each block once per epoch; ``block=None`` shuffles over
+    the whole series.
+
+    Args:
+        series: ``(time, channel, lat, lon)`` normalised anomalies.
+        mask: bool, same shape (True = valid).
+        block: time steps per block of targets, or ``None``.
+    """
+
+    def __init__(self, series: torch.Tensor, mask: torch.Tensor, block: int | None = None):
+        self.series, self.mask, self.block = series, mask, _check_block(block)
+
+    @property
+    def n_steps(self) -> int:
+        return self.series.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.series.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.series.dtype
+
+    def pairs(self, index: torch.Tensor, history: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(inputs (n, history, channel, lat, lon), targets (n, channel, lat, lon), target mask)`` of ``index``."""
+        return history_windows(self.series, index, history), self.series[index], self.mask[index]
+
+
+class StreamedPairs(SeriesPairs):
+    """One-step pairs read from a source larger than memory, one block of time steps at a time.
+
+    Args:
+        read: ``read(steps: slice) -> (anomalies, mask)``, each ``(steps, channel, lat, lon)``
+            (normalised on the fly, e.g. :meth:`geonn.pipelines.source.StreamedField.read`).
+        n_steps: the length of the series (targets and their histories stay below it).
+        channels: channels of the fields.
+        block: time steps per block of targets; a read spans the block and the ``history`` steps before it.
+        dtype: of the anomalies.
+
+    Memory holds one block (``block + history`` fields) at a time.
+    """
+
+    def __init__(self, read, n_steps: int, channels: int, block: int = 64, dtype: torch.dtype = torch.float32):
+        self.read, self._n_steps, self._channels, self.block, self._dtype = read, n_steps, channels, _check_block(block), dtype
+        self._cache = None  # (start, stop, anomalies, mask)
+
+    n_steps = property(lambda self: self._n_steps)
+    channels = property(lambda self: self._channels)
+    dtype = property(lambda self: self._dtype)
+
+    def pairs(self, index: torch.Tensor, history: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.long)
+        low, high = int(index.min()) - history, int(index.max()) + 1
+        if low < 0 or high > self._n_steps:
+            raise InputError(f"index: expected targets in [{history}, {self._n_steps}), got {describe(index)}")
+        cached = self._cache
+        if cached is None or low < cached[0] or high > cached[1]:
+            first = int(index.min()) // self.block * self.block  # the block of targets the batch lies in
+            start, stop = max(0, first - history), min(self._n_steps, first + self.block)
+            if high > stop:  # a batch across blocks: read just its span
+                start, stop = low, high
+            self._cache = cached = (start, stop, *self.read(slice(start, stop)))
+        start, _, series, mask = cached
+        local = index - start
+        return history_windows(series, local, history), series[local], mask[local]
+
+
+def _check_block(block):
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise InputError(f"block: expected an int >= 1 or None, got {block!r}")
+    return block
+
+
+def epoch_batches(targets: torch.Tensor, batch_size: int, generator: torch.Generator, block: int | None = None) -> list[torch.Tensor]:
+    """The batches of one shuffled pass over ``targets`` (time steps).
+
+    ``block=None``: one permutation of all targets, cut into batches of ``batch_size``. Otherwise
+    the targets are grouped by block of time steps (``t // block``), the blocks visited in a random
+    order and each block's targets shuffled and cut into batches within the block (its last batch
+    may be smaller), so every batch reads one block of the series.
+    """
+    if block is None:
+        order = targets[torch.randperm(targets.numel(), generator=generator)]
+        return [order[i:i + batch_size] for i in range(0, order.numel(), batch_size)]
+    keys = targets // block
+    groups = [targets[keys == key] for key in torch.unique(keys)]
+    batches = []
+    for g in torch.randperm(len(groups), generator=generator).tolist():
+        group = groups[g][torch.randperm(groups[g].numel(), generator=generator)]
+        batches += [group[i:i + batch_size] for i in range(0, group.numel(), batch_size)]
+    return batches
+
+
 @dataclass
 class EmulatorTraining:
     """Hyperparameters of :func:`fit_emulator`.
@@ -268,7 +369,7 @@ def _weighted_rmse(pred, target, mask, weights) -> float:
     return float(rmse[total > 0].mean())
 
 
-def fit_emulator(model: CNNEmulator, series: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+def fit_emulator(model: CNNEmulator, series: torch.Tensor | SeriesPairs, mask: torch.Tensor | None, weights: torch.Tensor,
                  config: EmulatorTraining | None = None, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = True) -> EmulatorFit:
     """Train ``model`` in place on the one-step pairs of a training series.
@@ -280,9 +381,17 @@ def fit_emulator(model: CNNEmulator, series: torch.Tensor, mask: torch.Tensor, w
     Without refit the best-on-validation weights are kept. A checkpoint is written after every
     epoch; ``resume=True`` continues from it and ends with the same weights, bit for bit.
 
+    Batches are moved to the model's device. Under ``torchrun`` (:mod:`geonn.distributed`) every
+    rank draws the same batches, takes its share ``batch[rank::world]`` of each, and
+    DistributedDataParallel all-reduces the gradients, so N processes equal one with the same
+    ``batch_size`` up to floating-point summation order; rank 0 alone writes the checkpoint and
+    shows the bar, and on resume every rank starts from rank 0's checkpoint.
+
     Args:
         model: the emulator (its weights are the initial ones; seed them before calling).
-        series: the training anomalies ``(time, channel, lat, lon)`` in time order; never the test part.
+        series: the training anomalies ``(time, channel, lat, lon)`` in time order; never the test
+            part. Or a :class:`SeriesPairs` (e.g. :class:`StreamedPairs` over data larger than
+            memory, read a block at a time), with ``mask=None``.
         mask: bool, same shape (True = valid); masked targets count for nothing in the loss.
         weights: area weights ``(lat, lon)``.
         config: :class:`EmulatorTraining`.
@@ -293,24 +402,35 @@ def fit_emulator(model: CNNEmulator, series: torch.Tensor, mask: torch.Tensor, w
     config = config or EmulatorTraining()
     if not isinstance(model, CNNEmulator):
         raise InputError(f"model: expected a CNNEmulator, got {describe(model)}")
-    if not isinstance(series, torch.Tensor) or series.dim() != 4 or series.shape[1] != model.channels:
-        raise InputError(f"series: expected a tensor (time, {model.channels}, lat, lon), got {describe(series)}")
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != series.shape:
-        raise InputError(f"mask: expected a bool tensor of shape {tuple(series.shape)}, got {describe(mask)}")
+    if isinstance(series, SeriesPairs):
+        if mask is not None:
+            raise InputError(f"mask: expected None with series given as {type(series).__name__} (it holds the mask), got {describe(mask)}")
+        source = series
+        if source.channels != model.channels:
+            raise InputError(f"series: expected {model.channels} channels, got {source.channels}")
+    else:
+        if not isinstance(series, torch.Tensor) or series.dim() != 4 or series.shape[1] != model.channels:
+            raise InputError(f"series: expected a tensor (time, {model.channels}, lat, lon), got {describe(series)}")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != series.shape:
+            raise InputError(f"mask: expected a bool tensor of shape {tuple(series.shape)}, got {describe(mask)}")
+        source = SeriesPairs(series, mask)
     if resume and checkpoint_dir is None:
         raise InputError("resume: resuming needs checkpoint_dir, got None")
-    validation = validation_slice(series.shape[0], config.validation_fraction)
+    n_steps = source.n_steps
+    validation = validation_slice(n_steps, config.validation_fraction)
     h = model.history
     if validation.start - h < 2:
         raise InputError(
-            f"series: {series.shape[0]} training steps leave {validation.start - h} pairs before the validation slice "
+            f"series: {n_steps} training steps leave {validation.start - h} pairs before the validation slice "
             f"with history={h}; expected at least 2 (fewer history steps, or a longer series)"
         )
-    weights = weights.to(series.dtype)
+    device = next(model.parameters()).device
+    context = distributed.setup(device)
+    weights = weights.to(device=device, dtype=source.dtype)
     pairs = {
         "select": torch.arange(h, validation.start),
         "validation": torch.arange(validation.start, validation.stop),
-        "refit": torch.arange(h, series.shape[0]),
+        "refit": torch.arange(h, n_steps),
     }
     initial = copy.deepcopy(model.state_dict())
     generator = torch.Generator().manual_seed(config.seed)
@@ -320,8 +440,10 @@ def fit_emulator(model: CNNEmulator, series: torch.Tensor, mask: torch.Tensor, w
     optimizer, scheduler = _optimizer(model, config)
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     resumed_from = ""
-    if resume and path.is_file():
-        saved = load_checkpoint(path)
+    saved = load_checkpoint(path) if resume and context.is_main and path.is_file() else None
+    if context.distributed and resume:
+        saved = distributed.broadcast_object(saved)  # every rank starts from rank 0's checkpoint
+    if saved is not None:
         if saved.get("format") != CHECKPOINT_FORMAT or saved.get("config") != asdict(config):
             raise InputError(f"resume: {str(path)!r} was written with other settings ({saved.get('config')}); start afresh")
         model.load_state_dict(saved["model"])
@@ -333,15 +455,24 @@ def fit_emulator(model: CNNEmulator, series: torch.Tensor, mask: torch.Tensor, w
         state = {k: saved[k] for k in state}
         state["history"] = list(state["history"])
         resumed_from = f"{state['phase']} epoch {state['epoch']}"
+    step = _PairLoss(model)
+    if context.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(step, device_ids=[device] if device.type == "cuda" else None)
 
     def save():
-        if path is not None:
+        if path is not None and context.is_main:
             save_checkpoint({"format": CHECKPOINT_FORMAT, "config": asdict(config), "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "initial": initial,
                              **state}, path)
+        distributed.barrier()  # no rank runs ahead of the last complete checkpoint
 
-    bar = tqdm(total=config.epochs, desc="emulator", unit="epoch", disable=not progress, dynamic_ncols=True)
+    def epoch(targets):
+        return _epoch(step, source, weights, targets, optimizer, scheduler, generator, config, context)
+
+    bar = tqdm(total=config.epochs, desc="emulator", unit="epoch", disable=not (progress and context.is_main), dynamic_ncols=True)
     bar.update(state["epoch"] if state["phase"] == "select" else state["best_epoch"])
     try:
         while state["phase"] == "select":
@@ -359,11 +490,9 @@ def fit_emulator(model: CNNEmulator, series: torch.Tensor, mask: torch.Tensor, w
                     state["phase"] = "done"
                 save()
                 break
-            loss, seconds = _epoch(model, series, mask, weights, pairs["select"], optimizer, scheduler, generator, config)
+            loss, seconds = epoch(pairs["select"])
             model.eval()
-            with torch.no_grad():
-                index = pairs["validation"]
-                rmse = _weighted_rmse(model(history_windows(series, index, h)), series[index], mask[index], weights)
+            rmse = _validation_rmse(model, source, pairs["validation"], weights, config.batch_size)
             model.train()
             state["epoch"] += 1
             state["train_seconds"] += seconds
@@ -376,7 +505,7 @@ def fit_emulator(model: CNNEmulator, series: torch.Tensor, mask: torch.Tensor, w
             bar.set_postfix(loss=f"{loss:.3g}", val=f"{rmse:.3g}", best=state["best_epoch"])
             bar.update(1)
         while state["phase"] == "refit" and state["epoch"] < state["best_epoch"]:
-            loss, seconds = _epoch(model, series, mask, weights, pairs["refit"], optimizer, scheduler, generator, config)
+            loss, seconds = epoch(pairs["refit"])
             state["epoch"] += 1
             state["train_seconds"] += seconds
             state["history"].append({"phase": "refit", "epoch": state["epoch"], "loss": loss})
@@ -392,6 +521,38 @@ def fit_emulator(model: CNNEmulator, series: torch.Tensor, mask: torch.Tensor, w
                        train_seconds=state["train_seconds"], resumed_from=resumed_from)
 
 
+class _PairLoss(nn.Module):
+    """``sum w m (model(inputs) - target)^2 / denominator``: one rank's share of a batch's masked MSE."""
+
+    def __init__(self, model: CNNEmulator):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, target, weight, denominator):
+        return (weight * (self.model(inputs) - target).pow(2)).sum() / denominator
+
+
+def _validation_rmse(model, source: SeriesPairs, targets: torch.Tensor, weights: torch.Tensor, batch: int) -> float:
+    """:func:`_weighted_rmse` of the one-step forecasts of ``targets``; by batches within blocks when the source has blocks."""
+    device = weights.device
+    if source.block is None:
+        chunks = [targets]
+    else:  # each block's targets in batches of `batch`: memory holds one block and one batch's activations
+        keys = targets // source.block
+        chunks = [part for key in torch.unique(keys) for part in targets[keys == key].split(batch)]
+    squared, totals = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            inputs, target, mask = source.pairs(chunk, model.history)
+            pred = model(inputs.to(device))
+            weight = (weights * mask.to(device)).to(torch.float64)
+            totals.append(weight.sum((1, 2, 3)).cpu())
+            squared.append((weight * (pred - target.to(device)).double().pow(2)).sum((1, 2, 3)).cpu())
+    total, squared = torch.cat(totals), torch.cat(squared)
+    rmse = (squared / total.clamp_min(1e-300)).sqrt()
+    return float(rmse[total > 0].mean())
+
+
 def _optimizer(model: nn.Module, config: EmulatorTraining):
     anchor = [model.lag_weights]  # no decay: it would pull the anchor towards persistence
     others = [p for name, p in model.named_parameters() if name != "lag_weights"]
@@ -401,18 +562,31 @@ def _optimizer(model: nn.Module, config: EmulatorTraining):
     return optimizer, scheduler
 
 
-def _epoch(model, series, mask, weights, targets, optimizer, scheduler, generator, config) -> tuple[float, float]:
-    """One shuffled pass over ``targets``; returns the mean loss and the seconds taken."""
+def _epoch(step, source: SeriesPairs, weights, targets, optimizer, scheduler, generator, config, context) -> tuple[float, float]:
+    """One shuffled pass over ``targets`` (:func:`epoch_batches`); returns the mean loss and the seconds taken.
+
+    ``step`` is a :class:`_PairLoss`, or its DistributedDataParallel wrapper under ``torchrun``:
+    then each rank computes its share of every global batch's loss (scaled by the number of
+    ranks, since DDP averages the gradients) and the loss reported is the global batch's.
+    """
     started = time.perf_counter()
-    model.train()
-    order = targets[torch.randperm(targets.numel(), generator=generator)]
+    step.train()
+    device = weights.device
     total = 0.0
-    for start in range(0, order.numel(), config.batch_size):
-        index = order[start:start + config.batch_size]
+    for index in epoch_batches(targets, config.batch_size, generator, source.block):
+        inputs, target, mask = source.pairs(index, step.module.model.history if context.distributed else step.model.history)
+        weight = weights * mask.to(device)
         optimizer.zero_grad(set_to_none=True)
-        loss = masked_mse(model(history_windows(series, index, model.history)), series[index], mask[index], weights)
+        if context.distributed:
+            local = slice(context.rank, None, context.world)
+            denominator = weight.sum().clamp_min(1e-12) / context.world
+            loss = step(inputs[local].to(device), target[local].to(device), weight[local], denominator)
+            value = distributed.all_reduce_sum(loss.detach()) / context.world
+        else:
+            loss = step(inputs.to(device), target.to(device), weight, weight.sum().clamp_min(1e-12))
+            value = loss
         loss.backward()
         optimizer.step()
-        total += loss.item() * index.numel()
+        total += value.item() * index.numel()
     scheduler.step()
     return total / targets.numel(), time.perf_counter() - started

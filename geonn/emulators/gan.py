@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import resolve_device
 from ..errors import InputError, NotFittedError, describe
 from ..io import load_checkpoint, save_checkpoint
 from ..losses import critic_loss, generator_loss
@@ -91,6 +92,10 @@ class GANConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value < high) or not math.isfinite(value):
                 raise InputError(f"{name}: expected a finite number in [{low}, {high}), got {describe(value)}")
+
+
+def _on_cpu(state: dict) -> dict:
+    return {k: v.cpu() for k, v in state.items()}
 
 
 def _point_scale(data: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -267,7 +272,7 @@ class FieldGAN:
             self.critic = FieldCritic(field_shape[0] * (2 if self.conditional else 1), *field_shape[1:], width=c.width)
 
     def fit(self, values: torch.Tensor, mask: torch.Tensor | None = None, *, checkpoint_dir: str | Path | None = None,
-            resume: bool = False, progress: bool = True) -> FieldGAN:
+            resume: bool = False, progress: bool = True, device: str | torch.device = "cpu") -> FieldGAN:
         """Train on consecutive training fields ``(time, channel, lat, lon)`` (normalised anomalies).
 
         Args:
@@ -279,10 +284,14 @@ class FieldGAN:
             resume: continue from ``checkpoint_dir/gan.pt`` when it exists; the result is the same,
                 bit for bit, as an uninterrupted run.
             progress: show a tqdm bar.
+            device: where the networks train (``"cpu"``, ``"cuda"``, ``"auto"``,
+                :func:`geonn.distributed.resolve_device`); the random draws stay on the CPU
+                generator, so a run is the same draw for draw on any device.
 
         Returns:
             ``self``, with :attr:`history` filled.
         """
+        device = resolve_device(device)
         c = self.config
         if not isinstance(values, torch.Tensor) or values.dim() != 4 or not values.is_floating_point():
             raise InputError(f"values: expected a floating tensor (time, channel, lat, lon), got {describe(values)}")
@@ -303,8 +312,10 @@ class FieldGAN:
         self.scale = _point_scale(data, mask) if c.point_scale else torch.ones(self.used.shape)
         data = data / self.scale
         valid = self.used.float()
+        data, valid = data.to(device), valid.to(device)
         real_all, cond_all = (data[1:], data[:-1]) if self.conditional else (data, None)
         self._build(tuple(values.shape[1:]))
+        self.generator, self._training, self.critic = (net.to(device) for net in (self.generator, self._training, self.critic))
         gen, average, critic = self._training, self.generator, self.critic
         opt_g = torch.optim.Adam(gen.parameters(), lr=c.learning_rate, betas=(c.beta1, c.beta2))
         opt_d = torch.optim.Adam(critic.parameters(), lr=c.learning_rate, betas=(c.beta1, c.beta2))
@@ -327,8 +338,8 @@ class FieldGAN:
         n = real_all.shape[0]
 
         def draw():
-            idx = torch.randint(n, (c.batch_size,), generator=rng)
-            noise = torch.randn((c.batch_size, c.noise_dim), generator=rng)
+            idx = torch.randint(n, (c.batch_size,), generator=rng).to(device)
+            noise = torch.randn((c.batch_size, c.noise_dim), generator=rng).to(device)
             cond = cond_all[idx] if self.conditional else None
             return real_all[idx], cond, noise
 
@@ -420,19 +431,22 @@ class FieldGAN:
             previous = torch.nan_to_num(previous.float()) * self.used / self.scale
         elif previous is not None:
             raise InputError("previous: an unconditional GAN (condition='none') takes no previous fields")
-        noise = torch.randn((n, self.config.noise_dim), generator=generator)
+        device = next(gen.parameters()).device
+        noise = torch.randn((n, self.config.noise_dim), generator=generator).to(device)
+        if self.conditional:
+            previous = previous.to(device)
         gen.eval()
         with torch.no_grad():
             parts = [gen(noise[i : i + batch_size], previous[i : i + batch_size] if self.conditional else None)
                      for i in range(0, n, batch_size)]
         gen.train()
-        return torch.where(self.used, torch.cat(parts) * self.scale, float("nan"))
+        return torch.where(self.used, torch.cat(parts).cpu() * self.scale, float("nan"))
 
     def state_dict(self) -> dict:
         """Weights and mask, plus the config as plain data (loads with ``weights_only=True``)."""
         gen = self._fitted()
         return {"config": dataclasses.asdict(self.config), "field_shape": [gen.channels, *gen.shape],
-                "generator": gen.state_dict(), "critic": self.critic.state_dict(), "used": self.used.clone(),
+                "generator": _on_cpu(gen.state_dict()), "critic": _on_cpu(self.critic.state_dict()), "used": self.used.clone(),
                 "scale": self.scale.clone()}
 
     def load_state_dict(self, state: dict) -> FieldGAN:

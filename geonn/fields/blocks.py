@@ -53,9 +53,10 @@ def fit_normaliser(normaliser: Normaliser, da: xr.DataArray, grid: Grid, train: 
         if sums is None:
             shape = (n_groups, *values.shape[1:])
             sums, sums_sq, counts = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
-        sums += torch.einsum("tg,tcyx->gcyx", one_hot, values)
-        sums_sq += torch.einsum("tg,tcyx->gcyx", one_hot, values * values)
-        counts += torch.einsum("tg,tcyx->gcyx", one_hot, mask.double())
+        flat = values.reshape(values.shape[0], -1)  # a matrix product per statistic: no (time, group, point) temporary
+        sums += (one_hot.T @ flat).reshape(sums.shape)
+        sums_sq += (one_hot.T @ (flat * flat)).reshape(sums.shape)
+        counts += (one_hot.T @ mask.reshape(mask.shape[0], -1).double()).reshape(sums.shape)
     if sums is None or not bool((counts > 0).any()):
         raise InputError("train: expected some finite training values, got none")
     climatology = sums / counts.clamp_min(1)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .. import plotting
+from .. import distributed, plotting
+from ..distributed import resolve_device
 from ..emulators.cnn import (
     CHECKPOINT_NAME,
     CNNEmulator,
@@ -210,12 +211,14 @@ def _figures(folder: Path, data: FieldData, forecasts: dict[str, torch.Tensor], 
 
 
 def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progress: bool = True,
-        checkpoints: Path | None = None, resume: bool = False) -> dict:
+        checkpoints: Path | None = None, resume: bool = False, device: str | torch.device = "cpu") -> dict:
     """Fit the CNN emulator and the baselines on the training part; forecast and score the held-out part.
 
     The emulator's training checkpoint goes to ``checkpoints`` (default ``folder``); ``resume``
-    continues from it.
+    continues from it. The CNN trains and forecasts on ``device`` (its batches are moved there);
+    under ``torchrun`` its training is data-parallel (:func:`geonn.emulators.cnn.fit_emulator`).
     """
+    device = resolve_device(device)
     _check_lengths(data, options)
     train, test = data.split.train, data.split.test
     anomalies, mask = data.anomalies, data.mask
@@ -233,21 +236,24 @@ def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progr
 
     padding = grid_padding(data, options.padding)
     torch.manual_seed(seed)
-    emulator = options.model(data.grid.n_channels, padding)
+    emulator = options.model(data.grid.n_channels, padding).to(device)
     fit = fit_emulator(emulator, anomalies[train], mask[train], data.weights, options.training(seed),
                        checkpoint_dir=checkpoints or folder, resume=resume, progress=progress)
+    if not distributed.current().is_main:
+        return {"best_epoch": fit.best_epoch}  # under torchrun rank 0 alone forecasts, scores and writes
     with torch.no_grad():
-        one_step = emulator(history_windows(anomalies, test, emulator.history))
-        static = mask[train].all(0)
-        start = history_windows(anomalies, [test.start], emulator.history)
-        free = emulator.rollout(start, data.n_test, mask=static)[0]
+        one_step = emulator(history_windows(anomalies, test, emulator.history).to(device)).cpu()
+        static = mask[train].all(0).to(device)
+        start = history_windows(anomalies, [test.start], emulator.history).to(device)
+        free = emulator.rollout(start, data.n_test, mask=static)[0].cpu()
     forecasts["cnn"] = _to_values(one_step, data, test)
     rollout = _to_values(free, data, test)
     if checkpoints is None:
         (folder / CHECKPOINT_NAME).unlink(missing_ok=True)
 
     write_netcdf(forecast_dataset(forecasts["cnn"], rollout, data), folder / "forecast.nc")
-    save_checkpoint({"var": data.var, "padding": padding, "options": dataclasses.asdict(options), "emulator": emulator.state_dict(),
+    save_checkpoint({"var": data.var, "padding": padding, "options": dataclasses.asdict(options),
+                     "emulator": {k: v.cpu() for k, v in emulator.state_dict().items()},
                      "normaliser": data.normaliser.state_dict(), "lim": baselines["lim"].state_dict()}, folder / "model.pt")
 
     scores = {name: _scores(forecast, data, test) for name, forecast in forecasts.items()}

@@ -187,11 +187,12 @@ def _figures(folder: Path, data: FieldData, gan_samples: torch.Tensor, eof_sampl
 
 
 def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progress: bool = True,
-        checkpoints: Path | None = None, resume: bool = False) -> dict:
+        checkpoints: Path | None = None, resume: bool = False, device: str | torch.device = "cpu") -> dict:
     """Train the GAN, fit the EOF-Gaussian sampler, write the outputs into ``folder``, return the metrics.
 
     The GAN's training checkpoint (``gan.pt``, written every epoch) goes to ``checkpoints``
-    (default ``folder/checkpoints``, removed at the end); ``resume`` continues from it.
+    (default ``folder/checkpoints``, removed at the end); ``resume`` continues from it. The GAN
+    trains and samples on ``device``.
     """
     torch.manual_seed(seed)
     train = data.split.train
@@ -200,7 +201,7 @@ def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progr
     own = checkpoints is None
     checkpoints = folder / "checkpoints" if own else checkpoints
     gan = FieldGAN(options.gan_config(seed)).fit(data.anomalies[train], data.mask[train], checkpoint_dir=checkpoints,
-                                                 resume=resume, progress=progress)
+                                                 resume=resume, progress=progress, device=device)
     if own:
         shutil.rmtree(checkpoints, ignore_errors=True)
     draws = torch.Generator().manual_seed(seed + 1)

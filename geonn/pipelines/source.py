@@ -7,8 +7,11 @@ A variable that fits in memory is loaded (:class:`FieldData`); a larger one (or 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import glob
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,6 +153,16 @@ class StreamedField:
 
         return time_blocks(self.da, self.grid, times, self.block)
 
+    def read(self, steps: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(anomalies, mask)`` of the time steps ``steps``, read in one piece and normalised on the fly."""
+        _, values, mask = next(iter(self.blocks_of(steps, steps.stop - steps.start)))
+        return self.normaliser.transform(values, mask, self.groups[steps]), mask
+
+    def blocks_of(self, times: slice, block: int):
+        from ..fields.blocks import time_blocks
+
+        return time_blocks(self.da, self.grid, times, block)
+
     def anomaly_blocks(self, times: slice):
         for steps, values, mask in self.blocks(times):
             yield steps, self.normaliser.transform(values, mask, self.groups[steps]), mask
@@ -222,8 +235,28 @@ def open_field(path: str | os.PathLike, var: str, train_fraction: float = 0.8, *
     return FieldData(Path(path), var, da, grid, values, mask, split, weights, groups, normaliser, anomalies)
 
 
+def return_freed_blocks_to_the_system(threshold: int = 1 << 20) -> bool:
+    """On glibc (Linux), serve every allocation above ``threshold`` bytes by its own ``mmap``.
+
+    A streamed pass allocates and frees arrays of a block (tens of MB) thousands of times; glibc
+    raises its mmap threshold after such frees (up to 32 MB) and then serves these arrays from
+    its heap, which fragments and keeps growing (a 4 GB ``reduce --stream`` reached 6 GB resident).
+    A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, what ``MALLOC_MMAP_THRESHOLD_`` sets) gives
+    each freed block back to the system at once. Returns whether it was set (False elsewhere).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD = -3 in malloc.h
+    except (OSError, AttributeError):
+        return False
+
+
 def _streamed(path, var, da, grid, split, scale, block) -> StreamedField:
     from ..fields.blocks import fit_normaliser
+
+    return_freed_blocks_to_the_system()
 
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise InputError(f"block: expected an int >= 1, got {block!r}")

@@ -7,12 +7,14 @@ import importlib
 import inspect
 import os
 import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..errors import ConfigError, InputError
+from .. import __version__, distributed
+from ..errors import ConfigError, GeonnError, InputError
 from ..io import check_output_folder, staged_folder, write_json, write_text
 from .source import StreamedField, open_field
 
@@ -40,13 +42,16 @@ def make_options(verb: str, **values):
     return cls(**{k: v for k, v in values.items() if v is not None})
 
 
+# verbs whose training runs data-parallel under torchrun (rank 0 writes the checkpoints, the others read them on resume)
+DISTRIBUTED = ("emulate",)
+
 # verb -> the function that runs it on a variable larger than memory (StreamedField)
-STREAMED = {"reduce": "geonn.pipelines.streaming:reduce_streamed"}
+STREAMED = {"reduce": "geonn.pipelines.streaming:reduce_streamed", "emulate": "geonn.pipelines.streaming:emulate_streamed"}
 
 
 def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | os.PathLike, *,
              train_fraction: float = 0.8, seed: int = 0, overwrite: bool = False, progress: bool = True,
-             stream: bool | None = None, resume: bool = False) -> dict:
+             stream: bool | None = None, resume: bool = False, device: str | torch.device = "auto") -> dict:
     """Run ``verb`` on variable ``var`` of ``path``; write its outputs into ``out``.
 
     Everything is checked before training starts (file, variable, dimensions, split, options,
@@ -64,6 +69,12 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
     continues from them and ends with the weights of an uninterrupted run. The folder is removed
     once ``out`` is complete.
 
+    ``device`` (``"auto"``, ``"cpu"`` or ``"cuda"``, :func:`geonn.distributed.resolve_device`)
+    is where the models train and run. Under ``torchrun`` the verbs in :data:`DISTRIBUTED` train
+    data-parallel (each rank takes its share of every global batch, DDP all-reduces the
+    gradients); rank 0 alone writes ``out`` and the checkpoints, the other ranks write their copies
+    of the outputs into a temporary folder that is removed at the end.
+
     Returns:
         The metrics (flat floats and strings).
     """
@@ -74,7 +85,18 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
         raise InputError(f"options: expected {module.Options.__name__} for {verb}, got {type(options).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"--seed: expected an int, got {seed!r}")
-    out = check_output_folder(out, overwrite)
+    context = distributed.setup(device)
+    problem = None
+    if context.is_main:
+        try:
+            out = check_output_folder(out, overwrite)
+        except GeonnError as err:
+            problem = err
+    if context.distributed and distributed.broadcast_object(None if problem is None else str(problem)) is not None:
+        raise problem if problem is not None else InputError("--out: rank 0 refused the output folder (see its message)")
+    if problem is not None:
+        raise problem
+    out = Path(out)
     data = open_field(path, var, train_fraction, stream=stream)
     runner = module.run
     if isinstance(data, StreamedField):
@@ -86,12 +108,25 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
     resolved = {"geonn": __version__, "verb": verb, "seed": seed, "train_fraction": float(train_fraction),
                 **data.describe(), verb: _without_none(dataclasses.asdict(options))}
     checkpoints = out.absolute().parent / f".{out.name}.checkpoints"
-    if checkpoints.exists() and not resume:
+    if context.is_main and checkpoints.exists() and not resume:
         shutil.rmtree(checkpoints)  # a failed run's checkpoints: starting afresh, as asked
-    extra = {}
-    if "checkpoints" in inspect.signature(runner).parameters:
+    distributed.barrier()
+    parameters = inspect.signature(runner).parameters
+    extra = {"device": context.device} if "device" in parameters else {}
+    if not context.is_main:
+        with tempfile.TemporaryDirectory(prefix=f"geonn-rank{context.rank}-") as scratch:
+            folder = Path(scratch)
+            (folder / "figures").mkdir()
+            if "checkpoints" in parameters:  # DDP-aware runners read rank 0's checkpoint; the others keep their own
+                extra.update(checkpoints=checkpoints if verb in DISTRIBUTED else folder / "checkpoints", resume=resume)
+                extra["checkpoints"].mkdir(parents=True, exist_ok=True)
+            torch.manual_seed(seed)
+            metrics = runner(data, options, folder, seed=seed, progress=False, **extra)
+        distributed.barrier()
+        return {"verb": verb, **metrics}
+    if "checkpoints" in parameters:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        extra = {"checkpoints": checkpoints, "resume": resume}
+        extra.update(checkpoints=checkpoints, resume=resume)
     torch.manual_seed(seed)
     try:
         with staged_folder(out, overwrite) as stage:
@@ -108,6 +143,7 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
             checkpoints.rmdir()  # failed before any checkpoint: leave nothing behind
         raise
     shutil.rmtree(checkpoints, ignore_errors=True)
+    distributed.barrier()
     return metrics
 
 

@@ -24,6 +24,12 @@ stages, as the CNN emulator does: *select* trains on the training steps before a
 *refit* retrains from scratch on all the training steps, the EOFs included, for the best number
 of epochs. Held-out test steps never enter. A checkpoint is written after every epoch and a
 resumed run ends with the same weights, bit for bit, as one never interrupted.
+
+Under ``torchrun`` (:mod:`geonn.distributed`) training is data-parallel: every rank draws the same
+batch order, input noise and dropout masks for the whole global batch and keeps its share
+``batch[rank::world]``; each rank's mean loss is weighted by its share and the gradients are summed
+over ranks, so N processes end with the weights of one (up to floating-point summation order).
+Rank 0 alone writes the checkpoint and shows the bar; on resume every rank starts from its checkpoint.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import InputError, NotFittedError, describe
-from ..io import load_checkpoint, save_checkpoint
+from ..io import save_checkpoint
 from .eof import EOFReducer
 from .linear import validation_slice
 
@@ -64,6 +71,25 @@ def masked_mse(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor, weig
     error = torch.where(mask, pred - truth, 0)
     total = weight.sum((-3, -2, -1)).clamp_min(torch.finfo(pred.dtype).tiny)
     return (weight * error.square()).sum((-3, -2, -1)) / total
+
+
+class BatchDropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` whose mask can be drawn for a whole global batch and sharded.
+
+    With ``shard = (rank, world, total)`` set (while training), the mask is drawn for ``total``
+    samples (the global batch, the same draws as ``nn.Dropout`` on it) and this rank keeps rows
+    ``[rank::world]``, so a data-parallel step sees the masks of a single-process one.
+    ``shard = None``: plain ``nn.Dropout``.
+    """
+
+    shard: tuple[int, int, int] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or self.shard is None:
+            return super().forward(x)
+        rank, world, total = self.shard
+        keep = x.new_empty((total, *x.shape[1:])).bernoulli_(1 - self.p)[rank::world]
+        return x * keep.div_(1 - self.p)
 
 
 @dataclass
@@ -136,10 +162,10 @@ class ConvAutoencoder(nn.Module):
             out = hidden * 2 ** level
             encoder += [nn.Conv2d(width, out, 3, padding=1), nn.GELU(), nn.Conv2d(out, out, 3, stride=2, padding=1), nn.GELU()]
             width = out
-        self.encoder = nn.Sequential(*encoder, nn.Flatten(), nn.Dropout(dropout))
+        self.encoder = nn.Sequential(*encoder, nn.Flatten(), BatchDropout(dropout))
         size = math.prod(self.bottom)
         self.to_latent = nn.Linear(size, modes)
-        self.from_latent = nn.Sequential(nn.Linear(modes, size), nn.GELU(), nn.Dropout(dropout))
+        self.from_latent = nn.Sequential(nn.Linear(modes, size), nn.GELU(), BatchDropout(dropout))
         decoder = []
         for level in reversed(range(depth)):
             out = hidden * 2 ** max(level - 1, 0)
@@ -180,7 +206,7 @@ class ConvAutoencoder(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Fields ``(batch, channel, lat, lon)`` from latent coordinates ``(batch, K)``."""
-        hidden = self.from_latent(latent).reshape(-1, *self.bottom)
+        hidden = self.from_latent(latent).reshape(latent.shape[0], *self.bottom)
         top, left = self.padding[2], self.padding[0]
         out = self.to_field(self.decoder(hidden))[..., top:top + self.lat, left:left + self.lon]
         if self.residual:
@@ -279,9 +305,10 @@ class AutoencoderReducer:
         select, refit = slice(0, validation.start), slice(0, n_times)
         settings = {"architecture": self._architecture(values), **asdict(config)}
         path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        context = distributed.setup(values.device)
 
         with torch.random.fork_rng(devices=[]):
-            saved = load_checkpoint(path) if resume and path is not None and path.is_file() else None
+            saved = distributed.resume_state(path, resume)  # rank 0's checkpoint, on every rank
             if saved is not None and (saved.get("format") != CHECKPOINT_FORMAT or saved.get("settings") != settings):
                 raise InputError(f"resume: {str(path)!r} was written with other settings ({saved.get('settings')}); start afresh")
             stage = saved["stage"] if saved else "select"
@@ -301,13 +328,13 @@ class AutoencoderReducer:
                 rmse = self._rmse(network, values[validation], mask[validation], weights)
                 state.update(best_rmse=rmse, eof_rmse=eof_rmse, best_network=_copy(network.state_dict()))
 
-            def save():
-                if path is not None:
-                    save_checkpoint({"format": CHECKPOINT_FORMAT, "settings": settings, "network": network.state_dict(),
-                                     "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **state}, path)
+            def save():  # rank 0 writes; every rank waits for it
+                distributed.save_on_main({"format": CHECKPOINT_FORMAT, "settings": settings, "network": network.state_dict(),
+                                          "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **state},
+                                         path, save=save_checkpoint)
 
             bar = tqdm(total=config.epochs, initial=state["epoch"], desc=f"autoencoder K={self.modes} {state['stage']}",
-                       unit="epoch", disable=not progress, dynamic_ncols=True)
+                       unit="epoch", disable=not distributed.show_progress(progress), dynamic_ncols=True)
             try:
                 while state["stage"] == "select":
                     stalled = config.patience and state["epoch"] - state["best_epoch"] >= config.patience
@@ -322,7 +349,7 @@ class AutoencoderReducer:
                             state["stage"] = "done"
                         save()
                         break
-                    loss, seconds = self._epoch(network, optimizer, values[select], mask[select], weights)
+                    loss, seconds = self._epoch(network, optimizer, values[select], mask[select], weights, context)
                     rmse = self._rmse(network, values[validation], mask[validation], weights)
                     state["epoch"] += 1
                     if rmse < state["best_rmse"]:
@@ -333,7 +360,7 @@ class AutoencoderReducer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4g}", val=f"{rmse:.4g}", best=state["best_epoch"])
                 while state["stage"] == "refit" and state["epoch"] < state["best_epoch"]:
-                    loss, seconds = self._epoch(network, optimizer, values[refit], mask[refit], weights)
+                    loss, seconds = self._epoch(network, optimizer, values[refit], mask[refit], weights, context)
                     state["epoch"] += 1
                     state["history"].append({"stage": "refit", "epoch": state["epoch"], "loss": loss})
                     state["train_seconds"] += seconds
@@ -392,21 +419,41 @@ class AutoencoderReducer:
         optimizer = torch.optim.AdamW(trainable, lr=self.training.learning_rate, weight_decay=self.training.weight_decay)
         return network, optimizer
 
-    def _epoch(self, network, optimizer, values, mask, weights) -> tuple[float, float]:
+    def _epoch(self, network, optimizer, values, mask, weights, context: distributed.Context) -> tuple[float, float]:
+        """One shuffled pass; returns the mean training loss (over every rank's samples) and the seconds taken.
+
+        Every rank draws the same order, noise and dropout masks for each global batch and computes
+        the loss of its share ``batch[rank::world]``, weighted by its share of the global batch;
+        the gradients are summed over ranks before each step (a no-op in one process).
+        """
         start = time.perf_counter()
         network.train()
+        dropouts = [module for module in network.modules() if isinstance(module, BatchDropout)]
+        parameters = [p for p in network.parameters() if p.requires_grad]
         order = torch.randperm(values.shape[0])
         total, count = 0.0, 0
-        for first in range(0, len(order), self.training.batch_size):
-            batch = order[first:first + self.training.batch_size]
-            truth, valid = values[batch], mask[batch]
-            inputs = truth + self.training.noise * torch.randn_like(truth) if self.training.noise else truth
-            loss = masked_mse(network(inputs, valid), truth, valid, weights).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
+        try:
+            for first in range(0, len(order), self.training.batch_size):
+                batch = order[first:first + self.training.batch_size]
+                truth, valid = values[batch], mask[batch]
+                inputs = truth + self.training.noise * torch.randn_like(truth) if self.training.noise else truth
+                local = slice(context.rank, None, context.world)
+                truth, valid, inputs = truth[local], valid[local], inputs[local]
+                for module in dropouts:  # masks drawn for the global batch, this rank's rows kept
+                    module.shard = (context.rank, context.world, len(batch))
+                # this rank's share of the global mean; run even on an empty share, so the dropout draws stay in step
+                loss = masked_mse(network(inputs, valid), truth, valid, weights).sum() / len(batch)
+                optimizer.zero_grad()
+                loss.backward()
+                distributed.all_reduce_gradients(parameters)
+                optimizer.step()
+                total += loss.item() * len(batch)
+                count += len(batch)
+        finally:
+            for module in dropouts:
+                module.shard = None
+        if context.distributed:
+            total = float(distributed.all_reduce_sum(torch.tensor(total, dtype=torch.float64)))
         network.eval()
         return total / count, time.perf_counter() - start
 

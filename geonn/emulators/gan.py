@@ -7,6 +7,13 @@ inside and crop back, so the user never resizes anything. Training minimises the
 objectives of :mod:`geonn.losses.adversarial` (gulrajani2017) on normalised anomalies; points
 masked at every training time are set to 0 in the generated fields during training (so the
 critic cannot use them) and to NaN in :meth:`FieldGAN.sample`.
+
+Under ``torchrun`` (:mod:`geonn.distributed`) training is data-parallel: every rank draws the same
+global batch (indices, noise, the penalty's interpolation weights) from the seeded generator and
+keeps its share ``batch[rank::world]``; each rank's losses are weighted by its share and the
+gradients summed over ranks after ``backward`` (the penalty's double backward rules out DDP's
+hooks), so N processes end with the weights of one up to floating-point summation order. Rank 0
+alone writes the checkpoint and shows the bar; on resume every rank starts from its checkpoint.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..distributed import resolve_device
 from ..errors import InputError, NotFittedError, describe
-from ..io import load_checkpoint, save_checkpoint
+from ..io import save_checkpoint
 from ..losses import critic_loss, generator_loss
 
 CONDITIONS = ("none", "previous")
@@ -323,8 +331,9 @@ class FieldGAN:
         self.history = GANHistory()
         epoch = 0
         path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-        if resume and path.is_file():
-            state = load_checkpoint(path)
+        context = distributed.setup(device)
+        state = distributed.resume_state(path, resume)  # rank 0's checkpoint, on every rank
+        if state is not None:
             self._check_resumable(state, path, tuple(values.shape[1:]))
             gen.load_state_dict(state["generator"])
             average.load_state_dict(state["generator_average"])
@@ -336,58 +345,74 @@ class FieldGAN:
             self.history = GANHistory(list(state["history"]), float(state["train_seconds"]), epoch)
 
         n = real_all.shape[0]
+        local = slice(context.rank, None, context.world)  # this rank's share of every global batch
+        share = distributed.share(len(range(c.batch_size)[local]), c.batch_size)
+        gen_parameters, critic_parameters = list(gen.parameters()), list(critic.parameters())
 
         def draw():
-            idx = torch.randint(n, (c.batch_size,), generator=rng).to(device)
-            noise = torch.randn((c.batch_size, c.noise_dim), generator=rng).to(device)
+            """The global batch (the same on every rank), then this rank's share of it."""
+            idx = torch.randint(n, (c.batch_size,), generator=rng)[local].to(device)
+            noise = torch.randn((c.batch_size, c.noise_dim), generator=rng)[local].to(device)
             cond = cond_all[idx] if self.conditional else None
             return real_all[idx], cond, noise
 
         def pair(fields, cond):
             return fields if cond is None else torch.cat((fields, cond), 1)
 
-        bar = tqdm(total=c.epochs, initial=epoch, desc="gan", unit="epoch", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=c.epochs, initial=epoch, desc="gan", unit="epoch", disable=not distributed.show_progress(progress),
+                   dynamic_ncols=True)
         try:
             while epoch < c.epochs:
                 started = time.perf_counter()
-                sums = {"critic_loss": 0.0, "wasserstein": 0.0, "generator_loss": 0.0}
+                sums = {"critic_loss": 0.0, "wasserstein": 0.0, "generator_loss": 0.0}  # this rank's weighted shares
                 for step in range(epoch * c.steps_per_epoch, (epoch + 1) * c.steps_per_epoch):
                     for _ in range(c.critic_steps):
                         real, cond, noise = draw()
-                        with torch.no_grad():
-                            fake = gen(noise, cond) * valid
-                        loss = critic_loss(critic, pair(real, cond), pair(fake, cond), c.gp_weight, generator=rng)
+                        # the penalty's interpolation weights, drawn for the global batch as critic_loss would
+                        weights = torch.rand((c.batch_size,) + (1,) * (real.dim() - 1), generator=rng)[local]
                         opt_d.zero_grad(set_to_none=True)
-                        loss.backward()
+                        if share:
+                            with torch.no_grad():
+                                fake = gen(noise, cond) * valid
+                            loss = critic_loss(critic, pair(real, cond), pair(fake, cond), c.gp_weight,
+                                               interpolation=weights) * share
+                            loss.backward()
+                        distributed.all_reduce_gradients(critic_parameters)
                         opt_d.step()
-                    with torch.no_grad():
-                        estimate = critic(pair(real, cond)).mean() - critic(pair(fake, cond)).mean()
+                    if share:
+                        with torch.no_grad():
+                            estimate = (critic(pair(real, cond)).mean() - critic(pair(fake, cond)).mean()) * share
                     real, cond, noise = draw()
-                    fake = gen(noise, cond) * valid
-                    g_loss = generator_loss(critic, pair(fake, cond))
                     opt_g.zero_grad(set_to_none=True)
-                    g_loss.backward()
+                    if share:
+                        fake = gen(noise, cond) * valid
+                        g_loss = generator_loss(critic, pair(fake, cond)) * share
+                        g_loss.backward()
+                    distributed.all_reduce_gradients(gen_parameters)
                     opt_g.step()
                     decay = min(c.ema, (1 + step) / (10 + step))  # a short memory at first, so the start fades
                     with torch.no_grad():
                         for mean, current in zip(average.parameters(), gen.parameters()):
                             mean.lerp_(current, 1 - decay)
-                    sums["critic_loss"] += float(loss.detach())
-                    sums["wasserstein"] += float(estimate)
-                    sums["generator_loss"] += float(g_loss.detach())
+                    if share:
+                        sums["critic_loss"] += float(loss.detach())
+                        sums["wasserstein"] += float(estimate)
+                        sums["generator_loss"] += float(g_loss.detach())
+                if context.distributed:  # the global batch's values: the sum of the ranks' weighted shares
+                    totals = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+                    sums = dict(zip(sums, totals.tolist()))
                 record = {"epoch": epoch + 1, **{k: v / c.steps_per_epoch for k, v in sums.items()}}
                 if not all(math.isfinite(v) for v in record.values()):
                     raise InputError(f"GAN training diverged at epoch {epoch + 1}: {record}; lower learning_rate or check the data")
                 epoch += 1
                 self.history.epochs.append(record)
                 self.history.train_seconds += time.perf_counter() - started
-                if path is not None:
-                    save_checkpoint({
-                        "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(c), "field_shape": list(values.shape[1:]),
-                        "generator": gen.state_dict(), "generator_average": average.state_dict(), "critic": critic.state_dict(),
-                        "opt_generator": opt_g.state_dict(), "opt_critic": opt_d.state_dict(), "rng": rng.get_state(),
-                        "epoch": epoch, "history": self.history.epochs, "train_seconds": self.history.train_seconds,
-                    }, path)
+                distributed.save_on_main({  # rank 0 writes; every rank waits for it
+                    "format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(c), "field_shape": list(values.shape[1:]),
+                    "generator": gen.state_dict(), "generator_average": average.state_dict(), "critic": critic.state_dict(),
+                    "opt_generator": opt_g.state_dict(), "opt_critic": opt_d.state_dict(), "rng": rng.get_state(),
+                    "epoch": epoch, "history": self.history.epochs, "train_seconds": self.history.train_seconds,
+                }, path, save=save_checkpoint)
                 bar.set_postfix(critic=f"{record['critic_loss']:.3f}", w=f"{record['wasserstein']:.3f}")
                 bar.update(1)
         finally:

@@ -66,6 +66,7 @@ def gradient_penalty(
     real: torch.Tensor,
     fake: torch.Tensor,
     generator: torch.Generator | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``E[(|grad D(x_hat)| - 1)^2]`` on random interpolates ``x_hat = u real + (1 - u) fake``.
 
@@ -79,6 +80,9 @@ def gradient_penalty(
         fake: samples of the shape, dtype and device of ``real``.
         generator: a ``torch.Generator`` (on the samples' device, or the CPU) for ``u``;
             None uses torch's global one.
+        weights: ``u`` drawn beforehand, shape ``(batch,)`` or ``(batch, 1, ...)``, values in
+            ``[0, 1]`` (e.g. drawn for a global batch and sharded across ranks); then
+            ``generator`` is unused. None: drawn here.
 
     Returns:
         A scalar (dimensionless when the critic's scores are per unit of sample).
@@ -91,8 +95,15 @@ def gradient_penalty(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InputTypeError(f"generator: expected a torch.Generator or None, got {describe(generator)}")
     shape = (real.shape[0],) + (1,) * (real.dim() - 1)
-    device = generator.device if generator is not None else real.device
-    weight = torch.rand(shape, generator=generator, dtype=real.dtype, device=device).to(real.device)
+    if weights is None:
+        device = generator.device if generator is not None else real.device
+        weight = torch.rand(shape, generator=generator, dtype=real.dtype, device=device).to(real.device)
+    else:
+        if not isinstance(weights, torch.Tensor) or weights.numel() != real.shape[0] or not weights.is_floating_point():
+            raise InputError(f"weights: expected {real.shape[0]} interpolation weights in [0, 1], got {describe(weights)}")
+        weight = weights.detach().reshape(shape).to(device=real.device, dtype=real.dtype)
+        if not bool(((weight >= 0) & (weight <= 1)).all()):
+            raise InputError(f"weights: expected interpolation weights in [0, 1], got values from {float(weight.min())} to {float(weight.max())}")
     interpolates = (weight * real + (1 - weight) * fake).requires_grad_(True)
     with torch.enable_grad():
         scores = _scores(critic, interpolates)
@@ -106,6 +117,7 @@ def critic_loss(
     fake: torch.Tensor,
     gp_weight: float = 10.0,
     generator: torch.Generator | None = None,
+    interpolation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The WGAN-GP critic loss ``E[D(fake)] - E[D(real)] + gp_weight * gradient_penalty`` (gulrajani2017).
 
@@ -119,6 +131,8 @@ def critic_loss(
         fake: generated samples, the shape of ``real``.
         gp_weight: ``lambda >= 0`` (10 in gulrajani2017; 0 disables the penalty).
         generator: seeds the interpolation weights (see :func:`gradient_penalty`).
+        interpolation: the interpolation weights drawn beforehand (``weights`` of
+            :func:`gradient_penalty`); None: drawn with ``generator``.
 
     Returns:
         A scalar in the critic's score units.
@@ -140,7 +154,7 @@ def critic_loss(
         )
     loss = _scores(critic, fake).mean() - _scores(critic, real).mean()
     if gp_weight > 0:
-        loss = loss + gp_weight * gradient_penalty(critic, real, fake, generator)
+        loss = loss + gp_weight * gradient_penalty(critic, real, fake, generator, interpolation)
     return loss
 
 

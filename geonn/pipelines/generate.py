@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .. import plotting
+from .. import distributed, plotting
 from ..emulators.gan import CONDITIONS, FieldGAN, GANConfig
 from ..emulators.sampler import EOFGaussianSampler
 from ..errors import InputError
@@ -192,7 +192,8 @@ def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progr
 
     The GAN's training checkpoint (``gan.pt``, written every epoch) goes to ``checkpoints``
     (default ``folder/checkpoints``, removed at the end); ``resume`` continues from it. The GAN
-    trains and samples on ``device``.
+    trains and samples on ``device``; under ``torchrun`` its training is data-parallel
+    (:meth:`geonn.emulators.FieldGAN.fit`) and rank 0 alone samples, scores and writes.
     """
     torch.manual_seed(seed)
     train = data.split.train
@@ -204,6 +205,8 @@ def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progr
                                                  resume=resume, progress=progress, device=device)
     if own:
         shutil.rmtree(checkpoints, ignore_errors=True)
+    if not distributed.current().is_main:
+        return {"condition": options.condition, "samples": options.samples, "epochs": gan.config.epochs}
     draws = torch.Generator().manual_seed(seed + 1)
     n = options.samples
     previous = _condition_fields(n, data) if options.condition == "previous" else None

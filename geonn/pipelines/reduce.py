@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .. import plotting
+from .. import distributed, plotting
 from ..emulators import EOFReducer
 from ..errors import InputError
 from ..fields import explained_variance, from_tensor, weighted_rmse
@@ -245,7 +245,8 @@ def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progr
     """Fit the reducer and the EOF baseline, write the outputs into ``folder``, return the metrics.
 
     A learned reducer's training checkpoints go to ``checkpoints`` (default ``folder``); ``resume``
-    continues from them.
+    continues from them. Under ``torchrun`` the autoencoder trains data-parallel
+    (:meth:`geonn.emulators.AutoencoderReducer.fit`) and rank 0 alone scores and writes.
     """
     torch.manual_seed(seed)
     eof = _eof(options.modes, options, data, folder, seed=seed, progress=progress)
@@ -256,6 +257,8 @@ def run(data: FieldData, options: Options, folder: Path, *, seed: int = 0, progr
     else:
         reducer = METHODS[options.method](options.modes, options, data, checkpoints or folder, seed=seed, progress=progress,
                                           resume=resume)
+        if not distributed.current().is_main:  # under torchrun rank 0 alone reconstructs, scores and writes
+            return {"best_epoch": int(reducer.best_epoch)}
         latent, fields = reconstruct(reducer, data)
         found = scores(fields, data)
     write_netcdf(latent_dataset(latent, data, options.method), folder / "latent.nc")

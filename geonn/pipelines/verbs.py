@@ -43,7 +43,7 @@ def make_options(verb: str, **values):
 
 
 # verbs whose training runs data-parallel under torchrun (rank 0 writes the checkpoints, the others read them on resume)
-DISTRIBUTED = ("emulate",)
+DISTRIBUTED = ("reduce", "emulate", "generate")
 
 # verb -> the function that runs it on a variable larger than memory (StreamedField)
 STREAMED = {"reduce": "geonn.pipelines.streaming:reduce_streamed", "emulate": "geonn.pipelines.streaming:emulate_streamed"}
@@ -71,8 +71,8 @@ def run_verb(verb: str, path: str | os.PathLike, var: str, options, out: str | o
 
     ``device`` (``"auto"``, ``"cpu"`` or ``"cuda"``, :func:`geonn.distributed.resolve_device`)
     is where the models train and run. Under ``torchrun`` the verbs in :data:`DISTRIBUTED` train
-    data-parallel (each rank takes its share of every global batch, DDP all-reduces the
-    gradients); rank 0 alone writes ``out`` and the checkpoints, the other ranks write their copies
+    data-parallel (each rank takes its share of every global batch and the gradients are summed
+    over ranks); rank 0 alone writes ``out`` and the checkpoints, the other ranks write their copies
     of the outputs into a temporary folder that is removed at the end.
 
     Returns:
